@@ -1,0 +1,1 @@
+"""The ``fishmerge`` command line (shipped as ``fishmerge.cli``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from fishmerge.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Jinja templates of the model cards fishmerge writes (shipped as ``fishmerge.hub_cards``)."""
