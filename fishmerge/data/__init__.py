@@ -1,0 +1,1 @@
+"""Data layer: Stack Overflow (TFF) files, Stack Exchange dumps, synthetic users, per-user partitions."""
