@@ -1,0 +1,108 @@
+"""Registry of named merge methods. Their metadata feeds `fishmerge merge --help` and the model card."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from fishmerge import kernels
+from fishmerge.errors import ConfigError
+
+FISHER_MERGING_BIBTEX = """@inproceedings{matena2022merging,
+  title     = {Merging Models with Fisher-Weighted Averaging},
+  author    = {Matena, Michael and Raffel, Colin},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2022},
+  eprint    = {2111.09832},
+  archivePrefix = {arXiv}
+}"""
+
+FEDFISH_BIBTEX = """@article{dhawan2024fedfish,
+  title   = {Leveraging Function Space Aggregation for Federated Learning at Scale},
+  author  = {Dhawan, Nikita and Mitchell, Nicole and Charles, Zachary and Garrett, Zachary and Dziugaite, Gintare Karolina},
+  journal = {Transactions on Machine Learning Research},
+  year    = {2024},
+  eprint  = {2311.10291},
+  archivePrefix = {arXiv}
+}"""
+
+FEDAVG_BIBTEX = """@inproceedings{mcmahan2017communication,
+  title     = {Communication-Efficient Learning of Deep Networks from Decentralized Data},
+  author    = {McMahan, Brendan and Moore, Eider and Ramage, Daniel and Hampson, Seth and y Arcas, Blaise Aguera},
+  booktitle = {Proceedings of the 20th International Conference on Artificial Intelligence and Statistics},
+  year      = {2017},
+  eprint    = {1602.05629},
+  archivePrefix = {arXiv}
+}"""
+
+# (values, fishers or None, weights, damping) -> merged fp32 tensor
+MergeFn = Callable[[Sequence[Tensor], Sequence[Tensor] | None, Sequence[float], float], Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge method: its kernel and the words that describe it to users."""
+
+    name: str
+    summary: str
+    description: str
+    citations: tuple[str, ...]
+    needs_fisher: bool
+    kernel: MergeFn
+
+
+def _average(values, fishers, weights, damping):
+    return kernels.weighted_average(values, weights)
+
+
+def _fisher(values, fishers, weights, damping):
+    return kernels.fisher_merge(values, fishers, weights, damping)
+
+
+METHODS: dict[str, MergeMethod] = {
+    method.name: method
+    for method in (
+        MergeMethod(
+            name="fisher",
+            summary="Fisher-weighted average: each parameter weighted by λ_i (F_i + δ)",
+            description=(
+                "Fisher-weighted averaging: every parameter of every input is weighted by its diagonal Fisher "
+                "information, estimated on that input's own data, times the input's weight λ_i, plus a damping δ. "
+                "Parameters an input's data depends on strongly dominate the merge, so the merged model keeps "
+                "each input's function on its own data better than a plain average does. This is the "
+                "aggregation rule of FedFish in federated learning."
+            ),
+            citations=(FISHER_MERGING_BIBTEX, FEDFISH_BIBTEX),
+            needs_fisher=True,
+            kernel=_fisher,
+        ),
+        MergeMethod(
+            name="average",
+            summary="λ-weighted parameter average (linear merge, FedAvg)",
+            description=(
+                "Weighted parameter averaging (linear merging): each parameter is the λ-weighted mean of the "
+                "inputs' parameters. It is the aggregation rule of FedAvg in federated learning and the "
+                "baseline Fisher-weighted averaging improves on."
+            ),
+            citations=(FEDAVG_BIBTEX,),
+            needs_fisher=False,
+            kernel=_average,
+        ),
+    )
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look a method up by name, with an error that lists the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(METHODS))
+        raise ConfigError(f"unknown merge method {name!r}: use one of {known}") from None
+
+
+def methods_help() -> str:
+    """One line per method, for `--help`."""
+    return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())

@@ -1,0 +1,210 @@
+"""Lazy, bounded-memory reading of safetensors checkpoints, one tensor (or a block of its rows) at a time.
+
+The header of a safetensors file says where every tensor's bytes lie, so a tensor — or a contiguous block of
+its rows — is one ``pread``: no memory map whose touched pages pile up in the resident set as a merge walks
+through a large model, and every byte read is counted (the merge benchmark reports it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fishmerge.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies and what it is."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    path: Path
+    offset: int  # absolute byte offset of the tensor's data in `path`
+    nbytes: int
+
+    @property
+    def row_bytes(self) -> int:
+        rows = self.shape[0] if self.shape else 1
+        return self.nbytes // rows if rows else 0
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: its header parsed and checked against the file's size."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tensors, self.metadata = _parse_header(self.path)
+
+
+def _parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    fix = "re-save or re-download it"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes): {fix}")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{path} is corrupt or truncated (header length {header_len}): {fix}")
+            raw = handle.read(header_len)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror}; check the path and its permissions") from err
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} is corrupt (its header is not valid JSON): {fix}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is corrupt (its header is not a JSON object): {fix}")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    end = 0
+    for name, entry in header.items():
+        info = _tensor_info(path, name, entry, data_start)
+        end = max(end, info.offset + info.nbytes - data_start)
+        tensors[name] = info
+    if data_start + end != size:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: its header describes {data_start + end} bytes but the file has "
+            f"{size}: {fix}"
+        )
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    try:
+        dtype = DTYPES[entry["dtype"]]  # type: ignore[index]
+        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
+        begin, stop = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path} is corrupt (bad header entry for {name!r}): re-save it") from None
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if stop - begin != expected or begin < 0:
+        raise CheckpointError(f"{path} is corrupt ({name!r} has {stop - begin} bytes, expected {expected}): re-save it")
+    return TensorInfo(name, shape, dtype, path, data_start + begin, expected)
+
+
+class TensorStore:
+    """The tensors of a checkpoint folder: one safetensors file, or shards listed by an index.
+
+    Args:
+        folder: the folder.
+        stem: ``model``, ``adapter_model`` or ``fisher``: the store reads ``{stem}.safetensors`` or
+            ``{stem}.safetensors.index.json`` with its shards.
+    """
+
+    def __init__(self, folder: Path, stem: str):
+        self.folder = Path(folder)
+        self.stem = stem
+        self.files = [SafetensorsFile(p) for p in _shard_paths(self.folder, stem)]
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            for name, info in file.tensors.items():
+                if name in self.tensors:
+                    raise CheckpointError(f"{name!r} appears in two shards of {self.folder}: re-save the checkpoint")
+                self.tensors[name] = info
+        self.bytes_read = 0
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The first shard's string metadata (writers put the same metadata in every shard)."""
+        return self.files[0].metadata if self.files else {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Read a tensor, or the block ``rows`` of its first dimension, from disk."""
+        info = self.tensors[name]
+        start, stop = (0, info.shape[0] if info.shape else 1) if rows is None else (rows.start, rows.stop)
+        count = (stop - start) * info.row_bytes
+        buffer = _pread(info.path, info.offset + start * info.row_bytes, count)
+        self.bytes_read += count
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        if count == 0:
+            return torch.empty(shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
+
+
+
+def row_blocks(info: TensorInfo, max_bytes: int) -> Iterator[slice]:
+    """Blocks of rows of at most ``max_bytes`` each (at least one row) that cover the tensor ``info``."""
+    rows = info.shape[0] if info.shape else 1
+    step = max(1, max_bytes // max(1, info.row_bytes))
+    for start in range(0, max(rows, 1), step):
+        yield slice(start, min(rows, start + step))
+
+
+def _pread(path: Path, offset: int, count: int) -> bytearray:
+    buffer = bytearray(count)
+    view = memoryview(buffer)
+    done = 0
+    with path.open("rb", buffering=0) as handle:
+        # One read returns at most ~2 GiB on Linux, so large tensors take several.
+        while done < count:
+            got = os.preadv(handle.fileno(), [view[done:]], offset + done)
+            if got == 0:
+                raise CheckpointError(f"{path} ended early: the file is truncated; re-save or re-download it")
+            done += got
+    return buffer
+
+
+def _shard_paths(folder: Path, stem: str) -> list[Path]:
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        raise CheckpointError(f"{folder} has neither {single.name} nor {index.name}")
+    weight_map = _read_index(index)
+    paths = [folder / name for name in dict.fromkeys(weight_map.values())]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}; re-download the checkpoint")
+    return paths
+
+
+def _read_index(index: Path) -> Mapping[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map): re-save the checkpoint") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has an empty weight_map: re-save the checkpoint")
+    return weight_map
