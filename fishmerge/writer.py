@@ -178,6 +178,7 @@ def save_tensors(
     metadata: dict[str, str] | None = None,
 ) -> list[Path]:
     """Write in-memory tensors as a (possibly sharded) safetensors checkpoint."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
     specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
     writer = ShardedWriter(folder, stem, specs, max_shard_bytes=max_shard_bytes, metadata=metadata)
     for name, tensor in tensors.items():
