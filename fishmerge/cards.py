@@ -88,7 +88,9 @@ _AGGREGATOR_DESCRIPTIONS = {
 }
 _CITATION_KEY = re.compile(r"@\w+\s*\{\s*([^,\s]+)\s*,")
 _TABLE_ROWS = 10  # results table: the last evaluation rounds, enough to see the trend without drowning the card
-_PREFERRED_METRICS = ("round", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity", "csb_loss", "csb_accuracy")
+_PREFERRED_METRICS = (
+    "round", "train_loss", "eval_loss", "eval_accuracy", "eval_perplexity", "csb_loss", "csb_accuracy"
+)
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,8 @@ def render_federated_card(info: FederatedCardInfo) -> ModelCard:
     _check_library(info.library_name)
     aggregator = info.aggregator.lower()
     base_models = [info.base_model] if info.base_model and is_repo_id(info.base_model) else []
-    tags = ["fishmerge", "federated-learning"] + ([_AGGREGATOR_TAGS[aggregator]] if aggregator in _AGGREGATOR_TAGS else [])
+    tags = ["fishmerge", "federated-learning"]
+    tags += [_AGGREGATOR_TAGS[aggregator]] if aggregator in _AGGREGATOR_TAGS else []
     data = ModelCardData(
         base_model=base_models or None,
         datasets=_hub_datasets(info.datasets),
@@ -323,7 +326,9 @@ def validate_card(card: ModelCard) -> None:
     """
     meta = card.data.to_dict()
     if not meta:
-        raise ConfigError("model card has no YAML metadata: start README.md with a '---' block holding at least library_name and tags")
+        raise ConfigError(
+            "model card has no YAML metadata: start README.md with a '---' block holding at least library_name and tags"
+        )
     _check_optional_str(meta, "library_name")
     _check_optional_str(meta, "pipeline_tag")
     if "tags" in meta:
@@ -337,9 +342,11 @@ def validate_card(card: ModelCard) -> None:
     if relation is not None:
         if relation not in BASE_MODEL_RELATIONS:
             allowed = ", ".join(sorted(BASE_MODEL_RELATIONS))
-            raise ConfigError(f"model card metadata: base_model_relation {relation!r} is not one of {allowed}: use one of them")
+            raise ConfigError(f"model card metadata: base_model_relation {relation!r} is unknown: use one of {allowed}")
         if "base_model" not in meta:
-            raise ConfigError("model card metadata: base_model_relation is set without base_model: add base_model or remove the relation")
+            raise ConfigError(
+                "model card metadata: base_model_relation without base_model: add base_model or remove the relation"
+            )
     if "license" in meta:
         license_id = meta["license"]
         if not isinstance(license_id, str) or license_id not in HUB_LICENSES:
@@ -378,7 +385,8 @@ def _metadata_int(metadata: Mapping[str, str], key: str, path: str | Path) -> in
         return int(metadata[key])
     except (KeyError, ValueError):
         raise ConfigError(
-            f"Fisher at {path} has no integer {key!r} in its safetensors metadata: re-run `fishmerge estimate` to rewrite it"
+            f"Fisher at {path} has no integer {key!r} in its safetensors metadata: "
+            "re-run `fishmerge estimate` to rewrite it"
         ) from None
 
 
@@ -425,10 +433,16 @@ def _agreed_license(inputs: Sequence[MergeInput]) -> tuple[str | None, str | Non
     """The license every input declares, or None with a note for the card body."""
     declared = {i.license.strip().lower() if i.license else None for i in inputs}
     if len(declared) != 1 or None in declared:
-        return None, "The inputs do not all declare the same license, so none is set here: check each input's license before using this model."
+        return None, (
+            "The inputs do not all declare the same license, so none is set here: "
+            "check each input's license before using this model."
+        )
     (license_id,) = declared
     if license_id not in HUB_LICENSES:
-        return None, f"All inputs declare the license `{license_id}`, which is not a Hub license id: check its terms before using this model."
+        return None, (
+            f"All inputs declare the license `{license_id}`, which is not a Hub license id: "
+            "check its terms before using this model."
+        )
     return license_id, None
 
 

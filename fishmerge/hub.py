@@ -80,7 +80,8 @@ class PushResult:
         branch = self.revision or "the default branch"
         visibility = "private" if self.private else "default visibility"
         head = "Dry run, nothing was sent. Would push" if self.dry_run else "Pushed"
-        lines = [f"{head} {len(self.files)} files ({self.total_size:,} bytes) to {self.repo_id} ({branch}, {visibility})"]
+        target = f"{self.repo_id} ({branch}, {visibility})"
+        lines = [f"{head} {len(self.files)} files ({self.total_size:,} bytes) to {target}"]
         width = max(len(f.path) for f in self.files)
         lines += [f"  {f.path:<{width}}  {f.size:>15,} bytes" for f in self.files]
         if self.commit_url:
@@ -130,7 +131,7 @@ def push_folder(
     if dry_run:
         return result
     if constants.is_offline_mode():
-        raise HubError("HF_HUB_OFFLINE is set, so nothing can be pushed: unset it (or set HF_HUB_OFFLINE=0) and push again")
+        raise HubError("HF_HUB_OFFLINE is set, so nothing can be pushed: unset it (or set HF_HUB_OFFLINE=0)")
     api = HfApi(endpoint=endpoint, token=resolve_token(token), library_name="fishmerge", library_version=__version__)
     message = commit_message or f"Upload {len(files)} files with fishmerge {__version__}"
     logger.info("Pushing %d files (%s bytes) from %s to %s", len(files), f"{result.total_size:,}", folder, repo_id)
@@ -160,7 +161,7 @@ def list_upload_files(folder: Path) -> tuple[PushedFile, ...]:
         ConfigError: The folder is missing, not a folder or empty.
     """
     if not folder.is_dir():
-        raise ConfigError(f"{folder} is not a folder: pass the output folder of `fishmerge merge` or `fishmerge federate`")
+        raise ConfigError(f"{folder} is not a folder: pass the output folder of a merge or federated run")
     # Same listing and filtering as HfApi.upload_folder, so a dry run reports exactly what a push sends.
     by_path = {p.relative_to(folder).as_posix(): p for p in sorted(folder.glob("**/*")) if p.is_file()}
     kept = filter_repo_objects(by_path, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS))
@@ -181,12 +182,14 @@ def load_card(folder: Path) -> str:
     """
     path = folder / CARD_NAME
     if not path.is_file():
-        raise ConfigError(f"{folder} has no {CARD_NAME} model card: write one (fishmerge.cards renders it) before pushing")
+        raise ConfigError(f"{folder} has no {CARD_NAME} model card: write one (fishmerge.cards renders it)")
     try:
         # A local file path: ModelCard.load reads it from disk and never downloads.
         card = ModelCard.load(path)
     except (ValueError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: the YAML metadata block cannot be read ({one_line(err)}): fix the block between the '---' lines") from None
+        raise ConfigError(
+            f"{path}: the YAML metadata block cannot be read ({one_line(err)}): fix the block between the '---' lines"
+        ) from None
     validate_card(card)
     return path.read_text(encoding="utf-8")
 
@@ -202,7 +205,9 @@ def resolve_token(token: str | None = None) -> str:
     try:
         found = get_token()
     except Exception as err:  # noqa: BLE001 - a failing token source (e.g. OIDC exchange) must surface as HubError
-        raise HubError(f"could not obtain a Hugging Face token ({type(err).__name__}): run `hf auth login` or set HF_TOKEN") from None
+        raise HubError(
+            f"could not obtain a Hugging Face token ({type(err).__name__}): run `hf auth login` or set HF_TOKEN"
+        ) from None
     if not found:
         raise HubError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access")
     return found
@@ -214,8 +219,10 @@ def check_revision(revision: str | None) -> None:
     Raises:
         ConfigError: With the expected form.
     """
-    if revision is not None and (not revision.strip() or any(c.isspace() for c in revision) or revision.startswith("refs/")):
-        raise ConfigError(f"invalid branch name {revision!r}: use a plain branch name without spaces, e.g. 'experiment-1'")
+    if revision is None:
+        return
+    if not revision.strip() or any(c.isspace() for c in revision) or revision.startswith("refs/"):
+        raise ConfigError(f"invalid branch name {revision!r}: use a plain branch name without spaces, e.g. 'exp-1'")
 
 
 def _send(api: HfApi, folder: Path, repo_id: str, *, private: bool, revision: str | None, message: str) -> str:
@@ -237,8 +244,14 @@ def _describe(err: Exception, repo_id: str, endpoint: str) -> str:
         status = err.response.status_code
         server = f": {one_line(err.server_message)}" if err.server_message else ""
         if status in (401, 403):
-            return f"the Hub refused the push to {repo_id} ({status}{server}): check the token has write access to that namespace (`hf auth login`); {_RETRY_HINT}"
+            return (
+                f"the Hub refused the push to {repo_id} ({status}{server}): check the token has write access to "
+                f"that namespace (`hf auth login`); {_RETRY_HINT}"
+            )
         return f"the Hub answered {status} while pushing to {repo_id}{server}; {_RETRY_HINT}"
     if isinstance(err, (TransportError, ConnectionError, TimeoutError)):
-        return f"could not reach {endpoint} while pushing to {repo_id} ({type(err).__name__}: {one_line(err)}): check the connection and HF_ENDPOINT; {_RETRY_HINT}"
+        return (
+            f"could not reach {endpoint} while pushing to {repo_id} ({type(err).__name__}: {one_line(err)}): "
+            f"check the connection and HF_ENDPOINT; {_RETRY_HINT}"
+        )
     return f"pushing to {repo_id} failed ({type(err).__name__}: {one_line(err)}); {_RETRY_HINT}"

@@ -256,4 +256,5 @@ def test_validation_errors(yaml_block, match):
 
 
 def test_validation_accepts_a_hand_written_card():
-    validate_card(ModelCard(f"---\n{VALID_HEADER}license: other\nbase_model: org/m\nbase_model_relation: merge\n---\n# M\n"))
+    extra = "license: other\nbase_model: org/m\nbase_model_relation: merge\n"
+    validate_card(ModelCard(f"---\n{VALID_HEADER}{extra}---\n# M\n"))

@@ -54,7 +54,8 @@ def no_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    files = (p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
 
 
 def expected_files(folder: Path) -> dict[str, bytes]:
@@ -65,10 +66,17 @@ def test_push_sends_one_commit_with_every_file(folder, online, caplog, capsys):
     caplog.set_level(logging.DEBUG)
     with FakeHub() as hub:
         result = push_folder(
-            folder, "someone/llama-tiny-merged", private=True, revision="exp-1", commit_message="First merge", token=TOKEN, endpoint=hub.url
+            folder,
+            "someone/llama-tiny-merged",
+            private=True,
+            revision="exp-1",
+            commit_message="First merge",
+            token=TOKEN,
+            endpoint=hub.url,
         )
     assert hub.endpoints() == ["create_repo", "create_branch", "validate_yaml", "preupload", "commit"]
-    assert hub.repos == {"someone/llama-tiny-merged": {"name": "llama-tiny-merged", "organization": "someone", "visibility": "private"}}
+    created = {"name": "llama-tiny-merged", "organization": "someone", "visibility": "private"}
+    assert hub.repos == {"someone/llama-tiny-merged": created}
     assert hub.branches == {("someone/llama-tiny-merged", "exp-1")}
     (commit,) = hub.commits
     assert (commit.repo_id, commit.revision, commit.summary) == ("someone/llama-tiny-merged", "exp-1", "First merge")
@@ -76,8 +84,8 @@ def test_push_sends_one_commit_with_every_file(folder, online, caplog, capsys):
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in hub.requests)
     assert [f.path for f in result.files] == sorted(commit.files)
     assert result.commit_url and not result.dry_run
-    shown = result.summary() + capsys.readouterr().out + caplog.text + result.card_text + (folder / "README.md").read_text()
-    assert TOKEN not in shown
+    shown = [result.summary(), capsys.readouterr().out, caplog.text, result.card_text, (folder / "README.md").read_text()]
+    assert not any(TOKEN in text for text in shown)
 
 
 def test_pushing_twice_is_safe(folder, online):
