@@ -16,6 +16,7 @@ encoder writes map entries in sorted key order, so equal inputs give byte-identi
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from collections.abc import Mapping, Sequence
@@ -31,10 +32,13 @@ FeatureList = Union[list[bytes], list[int], list[float]]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _BYTES_LIST, _FLOAT_LIST, _INT64_LIST = 1, 2, 3
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 # --------------------------------------------------------------------------------------------- wire helpers
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:  # keys and short lengths: the common case by far
+        return _ONE_BYTE[value]
     # Negative int64 values are sent as their 64-bit two's complement, i.e. always 10 bytes.
     value &= (1 << 64) - 1
     out = bytearray()
@@ -49,6 +53,8 @@ def _varint(value: int) -> bytes:
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    if pos < len(buf) and buf[pos] < 0x80:
+        return buf[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= len(buf):
@@ -73,7 +79,7 @@ def _key(field: int, wire_type: int) -> bytes:
 
 
 def _len_field(field: int, payload: bytes) -> bytes:
-    return _key(field, _LEN) + _varint(len(payload)) + payload
+    return b"".join((_varint((field << 3) | _LEN), _varint(len(payload)), payload))
 
 
 def _fields(buf: bytes) -> list[tuple[int, int, object]]:
@@ -141,9 +147,23 @@ def encode_example(features: Mapping[str, FeatureInput]) -> bytes:
     """
     entries = []
     for name in sorted(features):
-        entry = _len_field(1, name.encode("utf-8")) + _len_field(2, _encode_feature(name, features[name]))
-        entries.append(_len_field(1, entry))
+        value = features[name]
+        if isinstance(value, (bytes, str, int, float)):
+            entries.append(_scalar_entry(name, value))
+        else:
+            entries.append(_entry(name, value))
     return _len_field(1, b"".join(entries))
+
+
+def _entry(name: str, value: FeatureInput) -> bytes:
+    return _len_field(1, _len_field(1, name.encode("utf-8")) + _len_field(2, _encode_feature(name, value)))
+
+
+# Sentences of one post share title, tags, date and score: caching their entries halves conversion time.
+# typed=True keeps 1, 1.0 and True apart (they hash equal but encode differently).
+@functools.lru_cache(maxsize=4096, typed=True)
+def _scalar_entry(name: str, value: Scalar) -> bytes:
+    return _entry(name, value)
 
 
 # ------------------------------------------------------------------------------------------------- decode

@@ -235,10 +235,18 @@ class StackOverflowWriter:
         self.counts: Counter[str] = Counter()
 
     def add_client(self, split: str, client_id: str, examples: Iterable[Mapping[str, object]]) -> int:
-        """Append one client's sentences (in the given order) and its metadata row.
+        """Append one client's sentences (dicts as :func:`encode_stackoverflow_example` takes) in the given order.
 
         Returns:
             The number of examples written.
+
+        Raises:
+            DataError: The writer is closed, the client was already written to this split, or it has no examples.
+        """
+        return self.add_serialized_client(split, client_id, (encode_stackoverflow_example(ex) for ex in examples))
+
+    def add_serialized_client(self, split: str, client_id: str, blobs: Iterable[bytes]) -> int:
+        """Like :meth:`add_client` for already serialized ``tf.train.Example`` blobs (no re-encoding).
 
         Raises:
             DataError: The writer is closed, the client was already written to this split, or it has no examples.
@@ -247,7 +255,7 @@ class StackOverflowWriter:
             raise DataError(f"writer for {self.path} is closed; open a new StackOverflowWriter")
         if (split, client_id) in self._seen:
             raise DataError(f"client {client_id!r} was already written to split {split!r}; give each client all its examples at once")
-        rows = [(split, client_id, encode_stackoverflow_example(ex)) for ex in examples]
+        rows = [(split, client_id, bytes(blob)) for blob in blobs]
         if not rows:
             raise DataError(f"client {client_id!r} has no examples; drop it before writing")
         self._conn.executemany("INSERT INTO examples VALUES (?, ?, ?)", rows)
