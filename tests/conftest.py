@@ -38,7 +38,7 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides):
     """A 2-layer Llama small enough for exact per-example checks on the CPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=16,
         intermediate_size=32,
@@ -49,7 +49,7 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        **overrides,
     )
+    config = LlamaConfig(**(settings | overrides))
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
