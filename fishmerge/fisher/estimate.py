@@ -90,8 +90,8 @@ def accumulate_fisher(
         squares = squared_gradient_sums(model, params, nll, per_example=estimator != "batch", chunk_size=chunk_size)
         for name, value in squares.items():
             sums[name] += value
-        result.n_examples += int(batch["input_ids"].shape[0])
-        result.n_tokens += int((batch["labels"][:, 1:] != -100).sum())
+        result.n_examples += nll.n_examples
+        result.n_tokens += nll.n_tokens
     return result
 
 
