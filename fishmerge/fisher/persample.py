@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from fishmerge.errors import FishmergeError
 
@@ -313,7 +314,7 @@ def _per_example_sums(
 ) -> list[Tensor]:
     owners = _owners(model, slots)
     fallback = _static_fallback(owners, slots)
-    reasons = {slot: "owned by a module that is not a leaf" for slot in fallback}
+    reasons = {slot: "owned by a module that is not a callable leaf" for slot in fallback}
     while True:
         try:
             return _hooked_pass(model, slots, owners, fallback, nll, chunk_size, reasons)
@@ -348,8 +349,10 @@ def _rule_for(module: nn.Module) -> type[_Use] | None:
         return _LinearUse
     if type(module).forward is nn.Embedding.forward and isinstance(module, nn.Embedding):
         return _EmbeddingUse
-    if next(module.children(), None) is None:
+    if next(module.children(), None) is None and type(module).forward is not nn.Module.forward:
         return _GenericUse
+    # Non-leaf owners, and containers without a forward (ParameterDict, ParameterList) whose parameters are
+    # used by the parent's forward: no per-layer view of these uses exists.
     return None
 
 
@@ -371,7 +374,8 @@ def _hooked_pass(
         _warn_fallback(owners, looped, reasons)
     engine = _Engine(slots, chunk_size)
     with _only_trainable(model, [slots[s] for s in looped]), engine.attached(model, owners, fallback):
-        loss = nll()
+        with _UseWatch(engine, {id(p): slot for slot, p in enumerate(slots) if slot not in fallback}):
+            loss = nll()
         loop_sums: list[Tensor] = []
         if looped:
             example_nlls = getattr(nll, "example_nlls", None)
@@ -421,6 +425,11 @@ class _Use:
         """``None`` if this rule can split the call by example, else why not."""
         raise NotImplementedError
 
+    @staticmethod
+    def prepare(args: tuple[Any, ...], batch_size: int) -> tuple[Any, ...]:
+        """The call's positional arguments, rewritten if the rule needs them batched (``args`` if not)."""
+        return args
+
     def inputs_unchanged(self) -> bool:
         return self.versions == [a._version for a in self.args if isinstance(a, Tensor)]
 
@@ -465,6 +474,17 @@ class _LinearUse(_Use):
 class _EmbeddingUse(_Use):
     """Per-example embedding gradients are segment sums of δ by token id; keyed on (example, id) pairs they
     stay sparse, so no (examples × vocab × dim) tensor is formed unless a tied weight needs one."""
+
+    @staticmethod
+    def prepare(args: tuple[Any, ...], batch_size: int) -> tuple[Any, ...]:
+        ids = args[0] if len(args) == 1 else None
+        if isinstance(ids, Tensor) and ids.dim() >= 1 and ids.shape[0] == 1 and batch_size > 1:
+            # One row of ids shared by the batch (GPT-2's position ids, shape (1, T)): its output is broadcast
+            # against per-example activations, and its gradient arrives summed over examples. Looking the row
+            # up once per example gives the same forward and keeps each example's gradient apart; this assumes
+            # the output is only broadcast, never indexed by example, as in every such model we know.
+            return (ids.expand(batch_size, *ids.shape[1:]),)
+        return args
 
     @staticmethod
     def accepts(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch_size: int) -> str | None:
@@ -546,6 +566,7 @@ class _Engine:
         self.expected = [0] * len(slots)
         self.arrived: list[list[_Use]] = [[] for _ in slots]
         self.done = [False] * len(slots)
+        self.running = [0] * len(slots)
         self.batch_size: int | None = None
         self.enabled = True
 
@@ -574,17 +595,23 @@ class _Engine:
         if self._active() and first is not None and first.dim() > 0:
             self.batch_size = int(first.shape[0])
 
-    def _pre_hook(self, rule: type[_Use], local: Mapping[str, int]) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _pre_hook(self, rule: type[_Use], local: Mapping[str, int]) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if not self._active():
-                return
+                return None
             if self.batch_size is None:
                 # Closure bypassed the model's own forward: trust the first hooked input's leading dimension.
                 first = next((a for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
                 self.batch_size = int(first.shape[0]) if first is not None else None
-            reason = rule.accepts(args, kwargs, self.batch_size) if self.batch_size is not None else "no batch"
+            if self.batch_size is None:
+                raise _Unhookable(set(local.values()), "no batch dimension found")
+            prepared = rule.prepare(args, self.batch_size)
+            reason = rule.accepts(prepared, kwargs, self.batch_size)
             if reason is not None:
                 raise _Unhookable(set(local.values()), reason)
+            for slot in local.values():
+                self.running[slot] += 1
+            return None if prepared is args else (prepared, kwargs)
 
         return hook
 
@@ -592,13 +619,19 @@ class _Engine:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Tensor | None:
             if not self._active():
                 return None
+            for slot in local.values():
+                self.running[slot] -= 1
             if not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != self.batch_size:
                 raise _Unhookable(set(local.values()), f"a {type(module).__name__} whose output is not batched")
             replaced = None
             if not output.requires_grad:
+                if not output.is_floating_point():
+                    raise _Unhookable(set(local.values()), f"a {type(module).__name__} with a non-float output")
                 # Nothing upstream needs gradients (frozen weights, integer inputs): start the graph here,
-                # like transformers' enable_input_require_grads, so this output still receives its gradient.
-                output = replaced = output.detach().requires_grad_(True)
+                # like transformers' enable_input_require_grads. Adding a zero leaf, rather than making the
+                # output itself a leaf, keeps later in-place updates of the output legal.
+                anchor = output.new_zeros(()).requires_grad_(True)
+                output = replaced = output + anchor
             use = rule(module, args, local)
             for slot in local.values():
                 self.expected[slot] += 1
@@ -611,7 +644,11 @@ class _Engine:
         if not self.enabled:
             return
         if not use.inputs_unchanged():
-            raise _Unhookable(set(use.local.values()), f"a {type(use.module).__name__} input modified in place")
+            # Autograd would refuse this too once the parameter is trainable; say so instead of being wrong.
+            raise FishmergeError(
+                f"an input of a {type(use.module).__name__} owning estimated parameters was modified in place after "
+                "the call, so its per-example gradient cannot be formed: make that update out of place"
+            )
         use.grad_output = grad
         ready = []
         for slot in use.local.values():
@@ -667,3 +704,37 @@ class _Engine:
                 use.add_into(mine, lo, hi)
             for slot, buf in bufs.items():
                 self.sums[slot].add_(buf.square().sum(0))
+
+
+class _UseWatch(TorchFunctionMode):
+    """Catches a differentiable use of an estimated parameter outside its owning module's forward (a parent
+    doing ``h @ child.weight.T``, say): the per-layer rules would silently miss it, so the pass restarts with
+    that parameter in the loop. Reads that cannot carry a gradient (shape, dtype, no-grad copies) pass."""
+
+    def __init__(self, engine: _Engine, watched: Mapping[int, int]) -> None:
+        super().__init__()
+        self.engine = engine
+        self.watched = watched
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.watched and self.engine._active() and _carries_gradient(out):
+            for arg in _shallow_leaves(args, kwargs):
+                slot = self.watched.get(id(arg))
+                if slot is not None and not self.engine.running[slot]:
+                    raise _Unhookable({slot}, "a parameter used outside its own module's forward")
+        return out
+
+
+def _shallow_leaves(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterator[Any]:
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, (list, tuple)):
+            yield from arg
+        else:
+            yield arg
+
+
+def _carries_gradient(out: Any) -> bool:
+    items = out if isinstance(out, (list, tuple)) else (out,)
+    return any(isinstance(t, Tensor) and t.is_floating_point() for t in items)
