@@ -74,10 +74,6 @@ def _to_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _key(field: int, wire_type: int) -> bytes:
-    return _varint((field << 3) | wire_type)
-
-
 def _len_field(field: int, payload: bytes) -> bytes:
     return b"".join((_varint((field << 3) | _LEN), _varint(len(payload)), payload))
 
