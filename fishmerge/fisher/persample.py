@@ -84,10 +84,10 @@ def squared_gradient_sums(
     if chunk_size is not None and chunk_size < 1:
         raise FishmergeError(f"chunk_size must be a positive integer or None, got {chunk_size}")
     slots, names = _unique_parameters(params)
+    _require_eval(model)
     if not per_example:
         sums = _batch_gradient_squares(model, slots, nll)
     else:
-        _require_eval(model)
         sums = _per_example_sums(model, slots, nll, chunk_size)
     return {name: sums[slot] for slot, group in enumerate(names) for name in group}
 
@@ -313,15 +313,20 @@ def _per_example_sums(
     model: nn.Module, slots: list[nn.Parameter], nll: Callable[[], Tensor], chunk_size: int | None
 ) -> list[Tensor]:
     owners = _owners(model, slots)
-    fallback = _static_fallback(owners, slots)
+    fallback = _static_fallback(owners)
     reasons = {slot: "owned by a module that is not a callable leaf" for slot in fallback}
     while True:
         try:
-            return _hooked_pass(model, slots, owners, fallback, nll, chunk_size, reasons)
+            sums = _hooked_pass(model, slots, owners, fallback, nll, chunk_size, reasons)
         except _Unhookable as err:
             # A slot caught mid-pass cannot be split between the rules and the loop: start again with it looped.
+            assert not err.slots <= fallback, "a looped parameter was hooked"
             fallback |= err.slots
             reasons.update({slot: err.reason for slot in err.slots})
+            continue
+        if fallback:
+            _warn_fallback(owners, sorted(fallback), reasons)
+        return sums
 
 
 def _owners(model: nn.Module, slots: Sequence[nn.Parameter]) -> dict[nn.Module, dict[str, int]]:
@@ -356,7 +361,7 @@ def _rule_for(module: nn.Module) -> type[_Use] | None:
     return None
 
 
-def _static_fallback(owners: Mapping[nn.Module, Mapping[str, int]], slots: Sequence[nn.Parameter]) -> set[int]:
+def _static_fallback(owners: Mapping[nn.Module, Mapping[str, int]]) -> set[int]:
     return {slot for module, local in owners.items() if _rule_for(module) is None for slot in local.values()}
 
 
@@ -370,11 +375,10 @@ def _hooked_pass(
     reasons: Mapping[int, str],
 ) -> list[Tensor]:
     looped = sorted(fallback)
-    if looped:
-        _warn_fallback(owners, looped, reasons)
     engine = _Engine(slots, chunk_size)
+    watched = {id(p): slot for slot, p in enumerate(slots) if slot not in fallback}
     with _only_trainable(model, [slots[s] for s in looped]), engine.attached(model, owners, fallback):
-        with _UseWatch(engine, {id(p): slot for slot, p in enumerate(slots) if slot not in fallback}):
+        with _UseWatch(engine, watched) if watched else contextlib.nullcontext():
             loss = nll()
         loop_sums: list[Tensor] = []
         if looped:
@@ -395,7 +399,9 @@ def _hooked_pass(
     return engine.sums
 
 
-def _warn_fallback(owners: Mapping[nn.Module, Mapping[str, int]], looped: Sequence[int], reasons: Mapping[int, str]) -> None:
+def _warn_fallback(
+    owners: Mapping[nn.Module, Mapping[str, int]], looped: Sequence[int], reasons: Mapping[int, str]
+) -> None:
     kinds = sorted({type(m).__name__ for m, local in owners.items() if set(local.values()) & set(looped)})
     logger.warning(
         "%d parameters (in %s) are estimated with a per-example backward loop, slower than the per-layer rules: %s",
@@ -591,7 +597,8 @@ class _Engine:
         return self.enabled and torch.is_grad_enabled()
 
     def _on_model_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        named = (kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+        first = next((a for a in (*named, *args, *kwargs.values()) if isinstance(a, Tensor)), None)
         if self._active() and first is not None and first.dim() > 0:
             self.batch_size = int(first.shape[0])
 
