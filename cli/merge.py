@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fishmerge.cli.push import add_push_arguments, check_push_args, push_from_args
 from fishmerge.methods import METHODS
 
 
@@ -32,6 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--allow-pickle", action="store_true", default=None, help="read pickled .bin weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
+    add_push_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -76,11 +78,13 @@ def recipe_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from fishmerge.merge import execute_merge, plan_merge
 
+    check_push_args(args)
     plan = plan_merge(recipe_from_args(args))
     if args.dry_run:
         print(plan.recipe.to_yaml(), end="")
         print(f"# {len(plan.tasks)} tensors, weights {plan.weights}, output {args.out}")
         return 0
-    out = execute_merge(plan, args.out, overwrite=args.overwrite)
+    out = execute_merge(plan, args.out, overwrite=args.overwrite, repo_id=args.push_to_hub)
     print(out)
+    push_from_args(out, args)
     return 0

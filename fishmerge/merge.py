@@ -196,8 +196,12 @@ def _task(info: TensorInfo, recipe: MergeRecipe, covered: set[str]) -> TensorTas
     return TensorTask(info.name, info.shape, dtype, rule)
 
 
-def execute_merge(plan: MergePlan, out: Path, *, overwrite: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Path:
-    """Write the merged checkpoint into ``out`` (created complete, or not at all)."""
+def execute_merge(plan: MergePlan, out: Path, *, overwrite: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                  repo_id: str | None = None) -> Path:
+    """Write the merged checkpoint into ``out`` (created complete, or not at all).
+
+    ``repo_id`` names the Hub repository the result is meant for, in the model card's usage code.
+    """
     out = check_output_path(out, plan.inputs, overwrite=overwrite)
     stem = "adapter_model" if plan.kind == "adapter" else "model"
     specs = [TensorSpec(t.name, t.shape, t.dtype) for t in plan.tasks]
@@ -212,7 +216,7 @@ def execute_merge(plan: MergePlan, out: Path, *, overwrite: bool = False, block_
                 writer.write(task.name, _merge_block(plan, task, rows).to(task.dtype))
         writer.close()
         copy_aux_files(plan.base, tmp)
-        _write_card(plan, tmp)
+        _write_card(plan, tmp, repo_id)
     logger.info("merged %d %s into %s", len(plan.checkpoints), "adapters" if plan.kind == "adapter" else "models", out)
     return out
 
@@ -247,10 +251,10 @@ def _checked_fisher(fisher: FisherCheckpoint, name: str, block: torch.Tensor) ->
     return block
 
 
-def _write_card(plan: MergePlan, folder: Path) -> None:
+def _write_card(plan: MergePlan, folder: Path, repo_id: str | None) -> None:
     from fishmerge.cards import render_merge_card
 
-    render_merge_card(merge_card_info(plan)).save(folder / "README.md")
+    render_merge_card(merge_card_info(plan, repo_id)).save(folder / "README.md")
 
 
 def merge_card_info(plan: MergePlan, repo_id: str | None = None):
@@ -260,18 +264,7 @@ def merge_card_info(plan: MergePlan, repo_id: str | None = None):
     inputs = []
     for i, checkpoint in enumerate(plan.checkpoints):
         fisher = plan.fishers[i] if plan.fishers else None
-        provenance = None
-        if fisher is not None:
-            meta = fisher.metadata
-            provenance = FisherProvenance(
-                path=str(fisher.path),
-                estimator=meta.get("estimator", "unknown"),
-                n_examples=int(meta.get("n_examples", 0)),
-                n_tokens=int(meta.get("n_tokens", 0)),
-                data=meta.get("data"),
-                model=meta.get("model"),
-                biased=meta.get("biased", "false") == "true",
-            )
+        provenance = FisherProvenance.from_metadata(fisher.path, fisher.metadata) if fisher else None
         inputs.append(MergeInput(str(checkpoint.path), plan.weights[i], provenance,
                                  license=_card_license(checkpoint.path), base_model=checkpoint.base_model))
     datasets = tuple(dict.fromkeys(i.fisher.data for i in inputs if i.fisher and i.fisher.data))
@@ -299,8 +292,7 @@ def _card_license(folder: Path) -> str | None:
         return None
 
 
-def merge(
-    recipe: MergeRecipe | Mapping | str | Path, out: Path, *, overwrite: bool = False
-) -> Path:
+def merge(recipe: MergeRecipe | Mapping | str | Path, out: Path, *, overwrite: bool = False,
+          repo_id: str | None = None) -> Path:
     """Merge the checkpoints of ``recipe`` into ``out``: :func:`plan_merge` then :func:`execute_merge`."""
-    return execute_merge(plan_merge(recipe), Path(out), overwrite=overwrite)
+    return execute_merge(plan_merge(recipe), Path(out), overwrite=overwrite, repo_id=repo_id)
