@@ -249,6 +249,22 @@ def test_fallback_without_example_nlls_is_a_clear_error() -> None:
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
+def test_activation_checkpointing_is_refused() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    lin, head = nn.Linear(4, 4), nn.Linear(4, 3)
+    model = nn.ModuleDict({"lin": lin, "head": head}).eval()
+
+    def per_example(x: Tensor, y: Tensor) -> Tensor:
+        logits = head(checkpoint(lambda h: torch.tanh(lin(h)), x, use_reentrant=False))
+        return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").sum(1)
+
+    nll = ToyNLL(per_example, torch.randn(3, 2, 4), torch.randint(0, 3, (3, 2)))
+    with pytest.raises(FishmergeError, match="checkpointing"):
+        squared_gradient_sums(model, dict(model.named_parameters()), nll)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 2. The batch estimator
 # --------------------------------------------------------------------------------------------------------------

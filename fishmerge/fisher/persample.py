@@ -15,7 +15,15 @@ gradient of their outputs, and per-layer rules turn (input, output gradient) int
 
 A parameter used more than once (tied embeddings and LM head, a module called twice) needs Σ_k (Σ_u G_{k,u})²,
 so its contributions are kept until all have arrived and summed per example before squaring. Whatever the rules
-cannot cover falls back to a per-example backward loop over the closure's ``example_nlls``, with a warning.
+cannot cover falls back to a per-example backward loop over the closure's ``example_nlls``, with a warning: a
+parameter owned by a non-leaf module or a forward-less container (PEFT's ``lora_embedding_A``), a call the rules
+cannot split by example (keyword arguments, inputs not batched on dim 0), or a differentiable use of a parameter
+outside its module's forward (caught by a ``TorchFunctionMode`` while the forward runs).
+
+Assumptions, checked where it is cheap: eval mode; every hooked module's inputs are batched by example on dim 0
+(an Embedding looked up with one row of ids shared by the batch, like GPT-2's position ids, is expanded to the
+batch); no activation checkpointing (refused: recomputed forwards would be counted twice); inputs of hooked
+modules are not modified in place after the call (refused).
 
 The per-example Fisher estimators built on top: the *empirical* Fisher uses observed labels, the *sampled*
 (Monte Carlo true) Fisher draws labels from the model itself; Kunstner, Hennig & Balles 2019, "Limitations of the
@@ -380,6 +388,7 @@ def _hooked_pass(
     with _only_trainable(model, [slots[s] for s in looped]), engine.attached(model, owners, fallback):
         with _UseWatch(engine, watched) if watched else contextlib.nullcontext():
             loss = nll()
+        engine.forward_done = True
         loop_sums: list[Tensor] = []
         if looped:
             example_nlls = getattr(nll, "example_nlls", None)
@@ -575,6 +584,7 @@ class _Engine:
         self.running = [0] * len(slots)
         self.batch_size: int | None = None
         self.enabled = True
+        self.forward_done = False
 
     @contextlib.contextmanager
     def attached(
@@ -606,6 +616,11 @@ class _Engine:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if not self._active():
                 return None
+            if self.forward_done:
+                raise FishmergeError(
+                    f"a {type(module).__name__} owning estimated parameters ran again during the backward pass "
+                    "(activation checkpointing recomputes forwards): turn gradient checkpointing off to estimate"
+                )
             if self.batch_size is None:
                 # Closure bypassed the model's own forward: trust the first hooked input's leading dimension.
                 first = next((a for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
