@@ -19,34 +19,13 @@ from fishmerge.data.synthetic import general_sentences, topic_sentences
 from fishmerge.data.tokenizer import build_word_level_tokenizer, encode_sentences
 from fishmerge.estimate import EstimateOptions, estimate_fisher
 from fishmerge.merge import merge
+from fishmerge.modeling import build_small_llama
 from fishmerge.textdata import batches
 from fishmerge.training import EvalResult, evaluate, make_optimizer, train
 
 logger = logging.getLogger(__name__)
 
 TOPIC_A, TOPIC_B = "python", "cooking"
-
-
-def build_small_llama(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, seed: int = 0,
-                      tokenizer=None):
-    """A small Llama built from a config (no download), with the tokenizer's special ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=getattr(tokenizer, "pad_token_id", 0),
-        bos_token_id=getattr(tokenizer, "bos_token_id", None),
-        eos_token_id=getattr(tokenizer, "eos_token_id", None),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 def run_demo(output_dir: Path, *, seed: int = 0, quick: bool = False) -> list[tuple[str, EvalResult, EvalResult]]:

@@ -93,12 +93,16 @@ def _reduce(accelerator, sums: FisherSums) -> FisherSums:
     return FisherSums(reduced, int(counts[0]), int(counts[1]), sums.estimator)
 
 
+def parameter_keys(model: torch.nn.Module, fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename parameter names to the keys ``save_pretrained`` writes (PEFT drops the adapter name)."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, state_dict=fisher) if isinstance(model, PeftModel) else fisher
+
+
 def checkpoint_keys(loaded: LoadedModel, fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename parameter names to the keys the checkpoint file uses, so a merge can pair them up."""
-    if loaded.checkpoint.kind == "adapter":
-        from peft import get_peft_model_state_dict
-
-        fisher = get_peft_model_state_dict(loaded.model, state_dict=fisher)
+    fisher = parameter_keys(loaded.model, fisher)
     stored = set(loaded.checkpoint.store.names())
     unknown = [name for name in fisher if name not in stored]
     if unknown:

@@ -25,7 +25,8 @@ def fisher_terms(value: Tensor, fisher: Tensor | None, weight: float, damping: f
     Args:
         value: θ_i (or a client's update Δ_i).
         fisher: F_i, same shape as ``value``; ``None`` means F_i ≡ 0, which turns the formula into the plain
-            λ-weighted average (FedAvg) as long as ``damping`` > 0.
+            λ-weighted average (FedAvg) as long as ``damping`` > 0. The denominator term is then a 0-d tensor
+            (it broadcasts), so FedAvg's sums are half the size of FedFish's.
         weight: λ_i ≥ 0.
         damping: δ ≥ 0.
 
@@ -33,7 +34,7 @@ def fisher_terms(value: Tensor, fisher: Tensor | None, weight: float, damping: f
         ``(λ_i (F_i + δ) ⊙ value, λ_i (F_i + δ))`` in fp32.
     """
     if fisher is None:
-        precision = torch.full_like(value, weight * damping, dtype=torch.float32)
+        precision = torch.tensor(weight * damping, dtype=torch.float32, device=value.device)
     else:
         precision = fisher.to(torch.float32).add(damping).mul_(weight)
     return precision * value.to(torch.float32), precision
@@ -87,7 +88,7 @@ def fisher_merge(
     for value, fisher, weight in zip(values, fishers, weights):
         a, b = fisher_terms(value, fisher, weight, damping)
         numerator += a
-        denominator += b
+        denominator += b  # broadcasts when `fisher` is None
     if damping > 0:
         return numerator / denominator
     return divide_sums(numerator, denominator, fallback=_lazy_average(denominator, values, weights))

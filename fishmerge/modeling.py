@@ -102,3 +102,25 @@ def _load_tokenizer(source: Path | str | None, folder: Path, trust_remote_code: 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of every loss, so any id will do
     return tokenizer
+
+
+def build_small_llama(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, seed: int = 0,
+                      tokenizer=None, heads: int = 4, intermediate_size: int | None = None, max_positions: int = 64):
+    """A small Llama built from a config (no download), with the tokenizer's special ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=getattr(tokenizer, "pad_token_id", 0),
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()

@@ -1,0 +1,1 @@
+"""Federated FedFish and FedAvg fine-tuning through Accelerate (SPEC §3–5)."""

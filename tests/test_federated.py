@@ -1,0 +1,182 @@
+"""The federated driver: FedFish vs FedAvg identities, the merge equivalence, failures, resume, processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from builders import load_state
+from fishmerge.config import parse_config
+from fishmerge.federated import driver as driver_module
+from fishmerge.federated.config import FederatedConfig
+from fishmerge.federated.driver import run_federated
+from fishmerge.federated.strategy import ClientResult, RoundSums
+from fishmerge.merge import merge
+from fishmerge.training import EvalResult
+
+TINY = {
+    "model": {"new": {"hidden_size": 16, "layers": 1, "heads": 2}, "pretrain": {"sentences": 200, "epochs": 1}},
+    "data": {"train_users": 12, "heldout_users": 3, "test_users": 3, "max_examples_per_client": 12, "eval_clients": 3},
+    "rounds": 2,
+    "clients_per_round": 4,
+    "client": {"lr": 0.1, "batch_size": 8},
+    "personalization": {"enabled": False},
+}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fedcache")
+
+
+def _config(tmp_path, cache_dir, **overrides) -> FederatedConfig:
+    data = yaml.safe_load(yaml.safe_dump(TINY)) | {"output_dir": str(tmp_path / "run"), "cache_dir": str(cache_dir)}
+    for key, value in overrides.items():
+        data[key] = value
+    return parse_config(FederatedConfig, data, "test")
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _result(n, delta, fisher):
+    return ClientResult("c", n, delta, fisher, 0.0, EvalResult(0.0, 0.0, 1))
+
+
+def test_fedfish_with_equal_fishers_equals_fedavg():
+    g = torch.Generator().manual_seed(0)
+    deltas = [{"w": torch.randn(4, 3, generator=g)} for _ in range(3)]
+    shared = {"w": torch.rand(4, 3, generator=g)}
+    fish, avg = RoundSums.zeros({"w": torch.zeros(4, 3)}, True), RoundSums.zeros({"w": torch.zeros(4, 3)}, False)
+    for n, delta in zip((5, 10, 20), deltas):
+        fish.add(_result(n, delta, shared), damping=1e-6)
+        avg.add(_result(n, delta, None), damping=1e-6)
+    expected = sum(n * d["w"] for n, d in zip((5, 10, 20), deltas)) / 35
+    torch.testing.assert_close(avg.update()["w"], expected)
+    torch.testing.assert_close(fish.update()["w"], expected)
+    assert avg.denominator["w"].dim() == 0  # FedAvg sends a scalar denominator: half FedFish's bytes
+
+
+def test_one_fedfish_round_equals_fishmerge_merge_of_the_clients(tmp_path, cache_dir):
+    config = _config(tmp_path, cache_dir, rounds=1, save_client_updates=True)
+    run_federated(config)
+    out = Path(config.output_dir)
+    record = _metrics(out)[0]
+    assert record["round"] == 1 and record["aggregator"] == "fedfish" and len(record["clients"]) == 4
+    for key in ("train_loss", "csb_loss", "csb_accuracy", "seconds", "eval_loss", "eval_accuracy",
+                "eval_accuracy_without_excluded"):
+        assert record[key] is not None, key
+    clients = sorted((out / "clients" / "round-0001").iterdir())
+    recipe = {"method": "fisher", "damping": config.fisher.damping, "dtype": "float32",
+              "models": [{"model": str(c / "model"), "fisher": str(c / "fisher")} for c in clients]}
+    merged = load_state(merge(recipe, tmp_path / "merged"))
+    global_state = load_state(out / "checkpoints" / "round-0001", "global_state")
+    for name, value in global_state.items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_failing_client_is_skipped_and_the_round_goes_on(tmp_path, cache_dir, monkeypatch):
+    real = driver_module.client_update
+    victims = []
+
+    def flaky(*args, client_id, **kwargs):
+        if not victims:
+            victims.append(client_id)
+            raise RuntimeError("device lost")
+        return real(*args, client_id=client_id, **kwargs)
+
+    monkeypatch.setattr(driver_module, "client_update", flaky)
+    config = _config(tmp_path, cache_dir, rounds=1)
+    run_federated(config)
+    record = _metrics(Path(config.output_dir))[0]
+    assert record["skipped"] == victims and len(record["clients"]) == 3 and victims[0] not in record["clients"]
+
+
+def test_non_finite_clients_never_reach_the_global_model(tmp_path, cache_dir):
+    config = _config(tmp_path, cache_dir, rounds=1, client={"lr": 1e12, "batch_size": 8})
+    run_federated(config)
+    out = Path(config.output_dir)
+    record = _metrics(out)[0]
+    assert len(record["skipped"]) == 4 and record["clients"] == []
+    state = load_state(out / "checkpoints" / "round-0001", "global_state")
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_resume_after_an_interruption_reaches_the_same_result(tmp_path, cache_dir, monkeypatch):
+    full = _config(tmp_path / "a", cache_dir, rounds=3, aggregator="fedfish", server={"optimizer": "adam", "lr": 0.01})
+    run_federated(full)
+    broken = _config(tmp_path / "b", cache_dir, rounds=3, aggregator="fedfish", server={"optimizer": "adam", "lr": 0.01})
+    real = driver_module.run_round
+
+    def crash_on_third(run, round_index):
+        if round_index == 2:
+            raise KeyboardInterrupt
+        return real(run, round_index)
+
+    monkeypatch.setattr(driver_module, "run_round", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(broken)
+    monkeypatch.setattr(driver_module, "run_round", real)
+    with pytest.raises(Exception, match="--resume"):
+        run_federated(broken)
+    run_federated(broken, resume=True)
+    a, b = Path(full.output_dir), Path(broken.output_dir)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(_metrics(a)) == strip(_metrics(b))
+    sa, sb = load_state(a / "final"), load_state(b / "final")
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0)
+
+
+def test_resume_refuses_a_changed_config(tmp_path, cache_dir):
+    config = _config(tmp_path, cache_dir, rounds=1)
+    run_federated(config)
+    changed = _config(tmp_path, cache_dir, rounds=2, local_epochs=3)
+    with pytest.raises(Exception, match="local_epochs"):
+        run_federated(changed, resume=True)
+
+
+def test_personalization_writes_per_client_rows_and_a_summary(tmp_path, cache_dir):
+    config = _config(tmp_path, cache_dir, rounds=1, personalization={"enabled": True, "split": "test"})
+    run_federated(config)
+    folder = Path(config.output_dir) / "personalization"
+    rows = [json.loads(line) for line in (folder / "clients.jsonl").read_text().splitlines()]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["clients"] == len(rows) > 0
+    for key in ("pre_accuracy", "post_accuracy", "delta_accuracy", "pre_loss", "post_loss"):
+        values = sorted(r[key] for r in rows)
+        assert summary[key]["q1"] <= summary[key]["median"] <= summary[key]["q3"]
+        assert min(values) <= summary[key]["mean"] <= max(values)
+    for row in rows:
+        assert abs(row["delta_accuracy"] - (row["post_accuracy"] - row["pre_accuracy"])) < 1e-12
+    card = (Path(config.output_dir) / "final" / "README.md").read_text()
+    assert "federated-learning" in card and "fedfish" in card
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path, cache_dir):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(TINY | {"cache_dir": str(cache_dir)}))
+    run_federated(_config(tmp_path / "warm", cache_dir, rounds=1))  # data and pretrained model cached first
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    outputs = {}
+    for n in (1, 2):
+        outputs[n] = tmp_path / f"p{n}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                   "-m", "fishmerge", "federate", "--config", str(config_file), "--output-dir", str(outputs[n])]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _metrics(outputs[1]), _metrics(outputs[2])
+    for r1, r2 in zip(one, two):
+        assert r1["clients"] == r2["clients"]
+        for key in ("train_loss", "csb_loss", "eval_loss", "eval_accuracy"):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-6)
+    s1, s2 = load_state(outputs[1] / "final"), load_state(outputs[2] / "final")
+    for name in s1:
+        torch.testing.assert_close(s1[name], s2[name], rtol=1e-4, atol=1e-6)
