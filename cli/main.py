@@ -11,7 +11,7 @@ from fishmerge import __version__
 from fishmerge.errors import FishmergeError
 
 # Each module defines `register(subparsers)`, which adds its sub-command and sets `func` on its parser.
-SUBCOMMANDS = ["estimate", "merge", "push", "demo", "federate"]
+SUBCOMMANDS = ["estimate", "merge", "push", "demo", "federate", "personalize", "pretrain", "plot"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,12 +21,16 @@ Batch = Mapping[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean token cross-entropy and accuracies over the target tokens of a dataset."""
+    """Mean token cross-entropy and accuracies over the target tokens of a dataset.
+
+    ``accuracy_no_oov_eos`` leaves the excluded target ids out (PAD, OOV and EOS for the word-level task:
+    TFF's ``accuracy_without_out_of_vocab_or_end_of_sentence``); it is None when nothing is excluded.
+    """
 
     loss: float
     accuracy: float
     n_tokens: int
-    accuracy_without_excluded: float | None = None
+    accuracy_no_oov_eos: float | None = None
 
     @property
     def perplexity(self) -> float:

@@ -70,7 +70,7 @@ def test_one_fedfish_round_equals_fishmerge_merge_of_the_clients(tmp_path, cache
     record = _metrics(out)[0]
     assert record["round"] == 1 and record["aggregator"] == "fedfish" and len(record["clients"]) == 4
     for key in ("train_loss", "csb_loss", "csb_accuracy", "seconds", "eval_loss", "eval_accuracy",
-                "eval_accuracy_without_excluded"):
+                "eval_accuracy_no_oov_eos"):
         assert record[key] is not None, key
     clients = sorted((out / "clients" / "round-0001").iterdir())
     recipe = {"method": "fisher", "damping": config.fisher.damping, "dtype": "float32",
@@ -180,3 +180,71 @@ def test_two_processes_equal_one_process(tmp_path, cache_dir):
     s1, s2 = load_state(outputs[1] / "final"), load_state(outputs[2] / "final")
     for name in s1:
         torch.testing.assert_close(s1[name], s2[name], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_runs_train_and_aggregate_only_the_adapter(tmp_path, cache_dir):
+    config = _config(tmp_path, cache_dir, rounds=1, lora={"r": 2, "target_modules": ["q_proj", "v_proj"]})
+    run_federated(config)
+    state = load_state(Path(config.output_dir) / "checkpoints" / "round-0001", "global_state")
+    assert state and all("lora_" in name for name in state)
+    assert (Path(config.output_dir) / "final" / "adapter_model.safetensors").exists()
+
+
+def test_dataset_source_uses_the_models_own_tokenizer(tmp_path, cache_dir):
+    import datasets
+
+    from builders import WORDS, save_model
+
+    model = save_model(tmp_path / "ckpt", seed=0)
+    rows = [{"user_id": u, "text": " ".join(WORDS[(u * 5 + k) % len(WORDS)] for k in range(4 + i % 3))}
+            for u in range(8) for i in range(6)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    config = _config(tmp_path, cache_dir, rounds=1, clients_per_round=3,
+                     model={"path": str(model)}, data={"source": "dataset", "path": str(tmp_path / "ds"),
+                                                       "eval_clients": 2, "min_examples": 2})
+    run_federated(config)
+    record = _metrics(Path(config.output_dir))[0]
+    assert len(record["clients"]) == 3 and record["eval_loss"] > 0
+    assert "eval_accuracy_no_oov_eos" not in record  # no word-level exclusions for a subword tokenizer
+
+
+def test_posts_xml_clients_from_the_shared_samples(tmp_path, cache_dir, stackexchange_dir):
+    config = _config(tmp_path, cache_dir, rounds=1, clients_per_round=2,
+                     data={"source": "posts_xml", "path": str(stackexchange_dir / "beer.Posts.xml"),
+                           "min_examples": 10, "eval_clients": 2, "max_examples_per_client": 8})
+    run_federated(config)
+    record = _metrics(Path(config.output_dir))[0]
+    assert len(record["clients"]) == 2 and record["eval_accuracy_no_oov_eos"] is not None
+
+
+def test_personalize_plot_and_pretrain_commands(tmp_path, cache_dir):
+    from fishmerge.cli.main import main
+
+    config = _config(tmp_path, cache_dir, rounds=2)
+    run_federated(config)
+    run_dir = Path(config.output_dir)
+    assert main(["personalize", str(run_dir), "--split", "heldout"]) == 0
+    summary = json.loads((run_dir / "personalization" / "summary-heldout.json").read_text())
+    assert summary["clients"] > 0 and "delta_accuracy" in summary
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(run_dir), str(run_dir), "--label", "a", "--label", "b", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(TINY | {"cache_dir": str(cache_dir)}))
+    assert main(["pretrain", "--config", str(config_file), "--out", str(tmp_path / "pre")]) == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pre")
+    assert AutoTokenizer.from_pretrained(tmp_path / "pre").unk_token == "<OOV>"
+    assert model.config.hidden_size == 16
+
+
+def test_unknown_config_keys_are_named(tmp_path, capsys):
+    from fishmerge.cli.main import main
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump({"client": {"learning_rate": 0.1}, "rouds": 3}))
+    assert main(["federate", "--config", str(config_file), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "client.learning_rate: unknown key" in err and "rouds: unknown key" in err
+    assert not (tmp_path / "o").exists()

@@ -18,7 +18,7 @@ from fishmerge.federated.models import load_state
 from fishmerge.textdata import batches
 from fishmerge.training import evaluate, make_optimizer, train
 
-METRICS = ("loss", "accuracy", "accuracy_without_excluded")
+METRICS = ("loss", "accuracy", "accuracy_no_oov_eos")
 
 
 def personalize_client(
