@@ -28,7 +28,9 @@ from fishmerge.writer import ShardedWriter, TensorSpec, atomic_output_dir, check
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_BYTES = 64 * 2**20
+# Blocks this small keep every fp32 temporary of the kernel in cache and in memory the allocator reuses;
+# 2 MiB and up ran ~3x slower per byte on a 2-core EPYC (fresh pages and cache misses on every temporary).
+DEFAULT_BLOCK_BYTES = 2**20
 MAX_LISTED = 20
 
 
@@ -236,13 +238,26 @@ def _merge_block(plan: MergePlan, task: TensorTask, rows: slice) -> torch.Tensor
     fishers = None
     if plan.fishers is not None:
         fishers = [
-            _checked_fisher(f, task.name, f.store.read(task.name, rows)).mul_(scale)
+            _scaled(_checked_fisher(f, task.name, f.store.read(task.name, rows)), scale)
             for f, scale in zip(plan.fishers, plan.fisher_scales)
         ]
     return plan.method.kernel(values, fishers, plan.weights, plan.recipe.damping)
 
 
+def _scaled(block: torch.Tensor, scale: float) -> torch.Tensor:
+    # Without normalize the scale is 1: skipping it saves a full pass over every Fisher block.
+    return block if scale == 1.0 else block.mul_(scale)
+
+
 def _checked_fisher(fisher: FisherCheckpoint, name: str, block: torch.Tensor) -> torch.Tensor:
+    # One reduction screens the block: min/max propagate NaN, and a finite max with min >= 0 means every value
+    # is finite and non-negative. isfinite().all() plus (block < 0).any() cost ~20x more per element on a CPU
+    # and dominated the merge; the precise checks below run only for a block that fails the screen.
+    if block.numel() == 0:
+        return block
+    low, high = torch.aminmax(block)
+    if bool(low >= 0) and bool(high < math.inf):
+        return block
     if not bool(torch.isfinite(block).all()):
         raise FisherError(f"{fisher.path} has NaN or Inf values in {name}: re-estimate it (lower the learning rate "
                           "or use fp32 if the model diverged)")

@@ -154,12 +154,13 @@ class TensorStore:
         info = self.tensors[name]
         start, stop = (0, info.shape[0] if info.shape else 1) if rows is None else (rows.start, rows.stop)
         count = (stop - start) * info.row_bytes
-        buffer = _pread(info.path, info.offset + start * info.row_bytes, count)
-        self.bytes_read += count
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        if count == 0:
-            return torch.empty(shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
+        # Read straight into the tensor's own memory: a zero-filled bytearray would cost one more pass.
+        tensor = torch.empty(shape, dtype=info.dtype)
+        if count:
+            _pread_into(info.path, info.offset + start * info.row_bytes, memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+        self.bytes_read += count
+        return tensor
 
 
 
@@ -171,9 +172,9 @@ def row_blocks(info: TensorInfo, max_bytes: int) -> Iterator[slice]:
         yield slice(start, min(rows, start + step))
 
 
-def _pread(path: Path, offset: int, count: int) -> bytearray:
-    buffer = bytearray(count)
-    view = memoryview(buffer)
+def _pread_into(path: Path, offset: int, buffer: memoryview) -> None:
+    view = memoryview(buffer).cast("B")
+    count = len(view)
     done = 0
     with path.open("rb", buffering=0) as handle:
         # One read returns at most ~2 GiB on Linux, so large tensors take several.
@@ -182,7 +183,6 @@ def _pread(path: Path, offset: int, count: int) -> bytearray:
             if got == 0:
                 raise CheckpointError(f"{path} ended early: the file is truncated; re-save or re-download it")
             done += got
-    return buffer
 
 
 def _shard_paths(folder: Path, stem: str) -> list[Path]:

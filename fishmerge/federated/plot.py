@@ -26,6 +26,7 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] | None 
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise ConfigError("plotting needs matplotlib: pip install 'fishmerge[plot]'") from None
     labels = list(labels) if labels else [Path(d).name for d in run_dirs]
@@ -40,6 +41,7 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] | None 
                 axis.plot(*zip(*points), marker="o", markersize=3, label=label)
             axis.set_title(title)
             axis.set_xlabel("round")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.grid(alpha=0.3)
     axes.flat[0].legend()
     out = Path(out)
