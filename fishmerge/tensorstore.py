@@ -133,6 +133,7 @@ class TensorStore:
                 if name in self.tensors:
                     raise CheckpointError(f"{name!r} appears in two shards of {self.folder}: re-save the checkpoint")
                 self.tensors[name] = info
+        _check_index(self.folder, stem, self.tensors)
         self.bytes_read = 0
 
     @property
@@ -198,6 +199,17 @@ def _shard_paths(folder: Path, stem: str) -> list[Path]:
     if missing:
         raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}; re-download the checkpoint")
     return paths
+
+
+def _check_index(folder: Path, stem: str, tensors: Mapping[str, TensorInfo]) -> None:
+    index = folder / f"{stem}.safetensors.index.json"
+    if (folder / f"{stem}.safetensors").is_file() or not index.is_file():
+        return
+    weight_map = _read_index(index)
+    wrong = [n for n, f in weight_map.items() if n not in tensors or tensors[n].path.name != f]
+    wrong += [n for n in tensors if n not in weight_map]
+    if wrong:
+        raise CheckpointError(f"{index} does not match its shards (e.g. {wrong[0]!r}): re-save or re-download the checkpoint")
 
 
 def _read_index(index: Path) -> Mapping[str, str]:

@@ -177,3 +177,12 @@ def test_two_processes_give_the_single_process_fisher(model_dir, tmp_path):
     one, two = load_state(tmp_path / "one", "fisher"), load_state(tmp_path / "two", "fisher")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-10)
+
+
+def test_sharded_checkpoint_fisher_keys_match_the_index(tmp_path):
+    model = save_model(tmp_path / "sharded", seed=4, shard="8KB")
+    assert (model / "model.safetensors.index.json").exists()
+    data = _write_jsonl(tmp_path / "d.jsonl", TEXTS[:4])
+    assert main(["estimate", str(model), str(data), "--out", str(tmp_path / "f")]) == 0
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(load_state(tmp_path / "f", "fisher")) == set(index)

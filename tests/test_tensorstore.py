@@ -124,3 +124,13 @@ def test_output_may_not_be_or_hold_an_input(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(OutputError, match="--overwrite"):
         check_output_path(tmp_path / "taken", [model], overwrite=False)
+
+
+def test_an_index_that_disagrees_with_its_shards_is_refused(tmp_path):
+    save_tensors(tmp_path, "model", _tensors(), max_shard_bytes=64)
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["a.weight"], index["weight_map"]["c.bias"] = index["weight_map"]["c.bias"], index["weight_map"]["a.weight"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="does not match its shards"):
+        TensorStore(tmp_path, "model")

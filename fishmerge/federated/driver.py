@@ -75,10 +75,10 @@ def run_federated(config: FederatedConfig, *, resume: bool = False, repo_id: str
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(config.output_dir)
-    start = _prepare_output(config, out, resume) if accelerator.is_main_process else 0
+    start = _check_output(config, out, resume)  # every process checks, so a refusal never leaves one waiting
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        start = _completed_rounds(out) if resume else 0
+    if accelerator.is_main_process:
+        _init_output(config, out, start)
     run = _setup(config, accelerator)
     if start:
         _restore(run, out / "checkpoints" / f"round-{start:04d}")
@@ -224,19 +224,21 @@ def _gather_lists(acc, items: list[str]) -> list[str]:
 # ---- output folder: config, metrics, checkpoints, resume -----------------------------------------------------
 
 
-def _prepare_output(config: FederatedConfig, out: Path, resume: bool) -> int:
-    """Create or check the output folder; return the number of rounds already complete."""
+def _check_output(config: FederatedConfig, out: Path, resume: bool) -> int:
+    """Refuse to mix runs; return the number of rounds already complete (reads only)."""
     saved = out / CONFIG_FILE
     if resume and saved.exists():
         _check_same_run(config, saved)
-        done = _completed_rounds(out)
-        _truncate_metrics(out / METRICS_FILE, done)
-        return done
+        return _completed_rounds(out)
     if (out / METRICS_FILE).exists() or saved.exists():
         raise OutputError(f"{out} already holds a run: pass --resume to continue it, or choose another --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(config.to_yaml())
     return 0
+
+
+def _init_output(config: FederatedConfig, out: Path, done: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(config.to_yaml())  # rounds may have grown on resume
+    _truncate_metrics(out / METRICS_FILE, done)
 
 
 def _check_same_run(config: FederatedConfig, saved: Path) -> None:
@@ -248,8 +250,6 @@ def _check_same_run(config: FederatedConfig, saved: Path) -> None:
     if differ:
         raise ConfigError(f"--resume with a different config ({', '.join(differ)} changed since {saved}): use the "
                           "same config (only rounds may grow), or start a new run in another --output-dir")
-    if config.rounds != before.get("rounds"):
-        saved.write_text(config.to_yaml())
 
 
 def _completed_rounds(out: Path) -> int:
