@@ -210,3 +210,21 @@ def test_check_push_args_needs_a_token(no_token):
     push_cli.add_push_arguments(parser)
     with pytest.raises(HubError, match="hf auth login"):
         push_cli.check_push_args(parser.parse_args(["--push-to-hub", "someone/m"]))
+
+
+def test_merge_push_to_hub_end_to_end(tmp_path, online, monkeypatch):
+    from builders import save_model, save_random_fisher
+    from fishmerge.cli.main import main
+
+    a, b = save_model(tmp_path / "a", seed=1), save_model(tmp_path / "b", seed=2)
+    fa, fb = save_random_fisher(tmp_path / "fa", a, seed=3), save_random_fisher(tmp_path / "fb", a, seed=4)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = tmp_path / "merged"
+    with FakeHub() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        assert main(["merge", "--out", str(out), "--model", str(a), "--fisher", str(fa), "--model", str(b),
+                    "--fisher", str(fb), "--push-to-hub", "someone/merged"]) == 0
+    assert len(hub.commits) == 1
+    sent = hub.commits[0].files
+    assert sent == expected_files(out)
+    assert 'from_pretrained("someone/merged")' in sent["README.md"].decode()
