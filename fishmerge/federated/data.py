@@ -44,10 +44,15 @@ class FederatedData:
     _cache: dict[tuple[str, str], Sequences] = field(default_factory=dict, repr=False)
 
     def sequences(self, split: str, client_id: str) -> Sequences:
+        """A client's sequences; read once and kept until :meth:`forget` (a round reads its clients twice)."""
         key = (split, client_id)
         if key not in self._cache:
             self._cache[key] = self.read(split, client_id)
         return self._cache[key]
+
+    def forget(self, split: str) -> None:
+        """Drop the kept sequences of ``split``, so memory holds one round's clients, not the whole dataset."""
+        self._cache = {key: value for key, value in self._cache.items() if key[0] != split}
 
 
 def word_sequences(tokenizer, sentences: Sequence[str], max_words: int) -> Sequences:

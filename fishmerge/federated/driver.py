@@ -119,6 +119,7 @@ def run_round(run: Run, round_index: int) -> dict:
     """One round; returns its metrics record (the same on every process)."""
     started = time.perf_counter()
     acc, config = run.accelerator, run.config
+    run.data.forget("train")
     clients = sample_clients(run.data.train_clients, config.clients_per_round, config.seed, round_index)
     mine = clients[acc.process_index :: acc.num_processes]
     global_state = run.server.state()
