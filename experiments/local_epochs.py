@@ -90,6 +90,8 @@ def build_tasks(args) -> list[tuple[str, dict]]:
                 for lr in args.lrs:
                     for epochs in sorted(args.epochs, reverse=True):  # long runs first: better packing
                         for variant in group:
+                            if variant in args.controls and args.control_epochs and epochs not in args.control_epochs:
+                                continue
                             config = base_config(dataset, args)
                             spec = json.loads(json.dumps(VARIANTS[variant]))
                             if spec.get("server", {}).get("lr", 0) is None:
@@ -239,6 +241,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--controls", nargs="*", default=["fedavg_slr2", "fedavg_adam"],
                         choices=["fedavg_slr2", "fedavg_adam"])
+    parser.add_argument("--control-epochs", type=int, nargs="*", default=[1, 4, 16],
+                        help="E values at which the controls run (empty: all)")
     parser.add_argument("--adam-lr", type=float, default=0.01, help="server Adam lr of the fedavg_adam control")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", type=int, default=6, help="clients per round")
@@ -257,6 +261,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.datasets, args.epochs, args.lrs, args.seeds = ["synthetic"], [1, 2], [0.1], [0, 1]
         args.controls, args.rounds, args.clients, args.max_examples = ["fedavg_slr2"], 2, 3, 16
+        args.control_epochs = []
         args.eval_clients, args.train_users, args.hidden, args.pretrain_sentences = 4, 20, 16, 200
         args.personalization_steps = 2
     return args
