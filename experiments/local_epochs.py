@@ -241,7 +241,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--controls", nargs="*", default=["fedavg_slr2", "fedavg_adam"],
                         choices=["fedavg_slr2", "fedavg_adam"])
-    parser.add_argument("--control-epochs", type=int, nargs="*", default=[1, 4, 16],
+    parser.add_argument("--control-epochs", type=int, nargs="*", default=[1, 4],
                         help="E values at which the controls run (empty: all)")
     parser.add_argument("--adam-lr", type=float, default=0.01, help="server Adam lr of the fedavg_adam control")
     parser.add_argument("--rounds", type=int, default=6)

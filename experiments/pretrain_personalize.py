@@ -117,7 +117,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--lr", type=float, default=0.1, help="client SGD lr (stage 1 and personalization)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--max-examples", type=int, default=32)
     parser.add_argument("--eval-clients", type=int, default=10)
