@@ -76,17 +76,23 @@ def estimate(model: torch.nn.Module, batch: dict[str, torch.Tensor], estimator: 
     accumulate_fisher(model, params, [batch], estimator=estimator, progress=False, chunk_size=chunk_size)
 
 
-def timed(fn, repeats: int, iters: int, sync) -> list[float]:
-    """Seconds per call: ``repeats`` timings of ``iters`` calls each, after one untimed warm-up call."""
-    fn()
+def timed_interleaved(fns: dict[str, Any], repeats: int, iters: int, sync) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``repeats`` rounds of ``iters`` calls each, after one warm-up call.
+
+    The functions take turns within every round, so a burst of other work on a shared machine slows one round of
+    all of them rather than all rounds of one: ratios taken within a round stay fair.
+    """
+    for fn in fns.values():
+        fn()
     sync()
-    out = []
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        sync()
-        out.append((time.perf_counter() - start) / iters)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync()
+            out[name].append((time.perf_counter() - start) / iters)
     return out
 
 
@@ -96,23 +102,27 @@ def bench(size: str, dtype: torch.dtype, device: str, batch_size: int, length: i
     batch = make_batch(MODELS[size]["vocab_size"], batch_size, length, device)
     tokens = batch_size * length  # padded positions are computed too, so they count as work
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    base = timed(lambda: forward_backward(model, batch), repeats, iters, sync)
-    base_tps = tokens / median(base)
-    n_params = sum(p.numel() for p in model.parameters())
-    rows = [_row(size, n_params, dtype, batch_size, length, "forward+backward", base, tokens, base_tps)]
+    fns = {"forward+backward": lambda: forward_backward(model, batch)}
     for estimator in estimators:
-        times = timed(lambda: estimate(model, batch, estimator, chunk_size), repeats, iters, sync)
-        rows.append(_row(size, n_params, dtype, batch_size, length, estimator, times, tokens, base_tps))
+        fns[estimator] = lambda e=estimator: estimate(model, batch, e, chunk_size)
+    times = timed_interleaved(fns, repeats, iters, sync)
+    n_params = sum(p.numel() for p in model.parameters())
+    base = times["forward+backward"]
+    rows = []
+    for name, runs in times.items():
+        row = _row(size, n_params, dtype, batch_size, length, name, runs, tokens)
+        # Median over rounds of the within-round ratio: robust to rounds slowed by other processes.
+        row["ratio_vs_fwd_bwd"] = median([b / t for b, t in zip(base, runs)])
+        rows.append(row)
     del model
     return rows
 
 
 def _row(size: str, n_params: int, dtype: torch.dtype, batch: int, length: int, what: str, times: list[float],
-         tokens: int, base_tps: float) -> dict[str, Any]:
-    tps = tokens / median(times)
+         tokens: int) -> dict[str, Any]:
     return {"model": size, "params_M": round(n_params / 1e6, 1), "dtype": str(dtype).removeprefix("torch."),
-            "batch": f"{batch}x{length}", "run": what, "s_per_batch": median(times), "tokens_per_s": tps,
-            "ratio_vs_fwd_bwd": tps / base_tps, "runs_s": [round(t, 4) for t in times]}
+            "batch": f"{batch}x{length}", "run": what, "s_per_batch": median(times),
+            "tokens_per_s": tokens / median(times), "runs_s": [round(t, 4) for t in times]}
 
 
 TARGETS = {"empirical": 0.5, "sampled": 0.5, "batch": 0.9}

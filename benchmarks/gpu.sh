@@ -10,7 +10,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-python}"
+python="${PYTHON:-python3}"  # PYTHON=path/to/venv/bin/python to choose
 out="${OUT:-$here/results/gpu}"
 device=cuda
 tiny=0
