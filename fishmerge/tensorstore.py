@@ -159,7 +159,8 @@ class TensorStore:
         # Read straight into the tensor's own memory: a zero-filled bytearray would cost one more pass.
         tensor = torch.empty(shape, dtype=info.dtype)
         if count:
-            _pread_into(info.path, info.offset + start * info.row_bytes, memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+            raw = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+            _pread_into(info.path, info.offset + start * info.row_bytes, raw)
         self.bytes_read += count
         return tensor
 
