@@ -19,25 +19,38 @@ import torch
 from torch import Tensor
 
 
-def fisher_terms(value: Tensor, fisher: Tensor | None, weight: float, damping: float) -> tuple[Tensor, Tensor]:
-    """One input's contribution to the numerator and denominator of the Fisher-weighted average.
+def add_fisher_terms(
+    numerator: Tensor,
+    denominator: Tensor,
+    value: Tensor,
+    fisher: Tensor | None,
+    weight: float,
+    damping: float,
+    scratch: Tensor | None = None,
+) -> None:
+    """Add one input's terms to the running sums, in place: ``numerator += λ_i (F_i + δ) ⊙ value`` and
+    ``denominator += λ_i (F_i + δ)``.
 
     Args:
-        value: θ_i (or a client's update Δ_i).
+        numerator: fp32 running Σ a_i, shaped like ``value``.
+        denominator: fp32 running Σ b_i, shaped like ``value`` (or 0-d when every ``fisher`` is None).
+        value: θ_i (or a client's update Δ_i), any float dtype.
         fisher: F_i, same shape as ``value``; ``None`` means F_i ≡ 0, which turns the formula into the plain
-            λ-weighted average (FedAvg) as long as ``damping`` > 0. The denominator term is then a 0-d tensor
-            (it broadcasts), so FedAvg's sums are half the size of FedFish's.
+            λ-weighted average (FedAvg) as long as ``damping`` > 0, and needs only a 0-d denominator: FedAvg's
+            sums are half the size of FedFish's.
         weight: λ_i ≥ 0.
         damping: δ ≥ 0.
-
-    Returns:
-        ``(λ_i (F_i + δ) ⊙ value, λ_i (F_i + δ))`` in fp32.
+        scratch: an fp32 buffer shaped like ``value`` to reuse for λ_i (F_i + δ); merging large tensors
+            allocates nothing per input with it (about twice as fast on a CPU).
     """
     if fisher is None:
-        precision = torch.tensor(weight * damping, dtype=torch.float32, device=value.device)
-    else:
-        precision = fisher.to(torch.float32).add(damping).mul_(weight)
-    return precision * value.to(torch.float32), precision
+        numerator.add_(value, alpha=weight * damping)
+        denominator.add_(weight * damping)
+        return
+    precision = torch.add(fisher, damping, out=scratch) if scratch is not None else fisher.to(torch.float32) + damping
+    precision.mul_(weight)
+    denominator.add_(precision)
+    numerator.addcmul_(precision, value)
 
 
 def divide_sums(numerator: Tensor, denominator: Tensor, fallback: Tensor | None = None) -> Tensor:
@@ -63,7 +76,7 @@ def weighted_average(values: Sequence[Tensor], weights: Sequence[float]) -> Tens
         raise ValueError("weights must have a positive sum")
     out = torch.zeros_like(values[0], dtype=torch.float32)
     for value, weight in zip(values, weights):
-        out.add_(value.to(torch.float32), alpha=weight / total)
+        out.add_(value, alpha=weight / total)
     return out
 
 
@@ -85,12 +98,11 @@ def fisher_merge(
         raise ValueError("damping must be >= 0")
     numerator = torch.zeros_like(values[0], dtype=torch.float32)
     denominator = torch.zeros_like(numerator)
+    scratch = torch.empty_like(numerator)
     for value, fisher, weight in zip(values, fishers, weights):
-        a, b = fisher_terms(value, fisher, weight, damping)
-        numerator += a
-        denominator += b  # broadcasts when `fisher` is None
+        add_fisher_terms(numerator, denominator, value, fisher, weight, damping, scratch)
     if damping > 0:
-        return numerator / denominator
+        return numerator.div_(denominator)
     return divide_sums(numerator, denominator, fallback=_lazy_average(denominator, values, weights))
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fishmerge.kernels import divide_sums, fisher_merge, fisher_terms, weighted_average
+from fishmerge.kernels import add_fisher_terms, divide_sums, fisher_merge, weighted_average
 
 
 def _inputs(m=3, shape=(5, 4), seed=0):
@@ -66,18 +66,22 @@ def test_a_dominant_fisher_takes_its_model():
 def test_terms_summed_and_divided_equal_the_merge():
     values, fishers = _inputs()
     weights = [1.0, 2.0, 3.0]
-    terms = [fisher_terms(v, f, w, 1e-3) for v, f, w in zip(values, fishers, weights)]
-    numerator = sum(a for a, _ in terms)
-    denominator = sum(b for _, b in terms)
-    torch.testing.assert_close(divide_sums(numerator, denominator), fisher_merge(values, fishers, weights, 1e-3))
+    numerator, denominator = torch.zeros(5, 4), torch.zeros(5, 4)
+    for v, f, w in zip(values, fishers, weights):
+        add_fisher_terms(numerator, denominator, v, f, w, 1e-3)  # no scratch: the federated path
+    expected = sum(w * (f + 1e-3) * v for v, f, w in zip(values, fishers, weights)) / sum(
+        w * (f + 1e-3) for f, w in zip(fishers, weights))
+    torch.testing.assert_close(divide_sums(numerator, denominator), expected)
+    torch.testing.assert_close(fisher_merge(values, fishers, weights, 1e-3), expected)
 
 
-def test_fisher_none_with_damping_is_fedavg():
+def test_fisher_none_with_damping_is_fedavg_with_a_scalar_denominator():
     values, _ = _inputs()
     weights = [10.0, 20.0, 30.0]
-    terms = [fisher_terms(v, None, w, 1.0) for v, w in zip(values, weights)]
-    merged = divide_sums(sum(a for a, _ in terms), sum(b for _, b in terms))
-    torch.testing.assert_close(merged, weighted_average(values, weights))
+    numerator, denominator = torch.zeros(5, 4), torch.zeros(())
+    for v, w in zip(values, weights):
+        add_fisher_terms(numerator, denominator, v, None, w, 1.0)
+    torch.testing.assert_close(divide_sums(numerator, denominator), weighted_average(values, weights))
 
 
 def test_divide_sums_gives_the_fallback_or_zero_where_the_denominator_is_zero():

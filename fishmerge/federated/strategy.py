@@ -1,7 +1,7 @@
 """One FedFish / FedAvg round as small hooks: client update, aggregation sums, server step (SPEC §3).
 
 Client i trains from θ_t to θ_i, estimates its Fisher F_i at θ_i on its own data, and contributes
-a_i = n_i (F_i + δ) ⊙ Δ_i and b_i = n_i (F_i + δ), formed by :func:`fishmerge.kernels.fisher_terms` — the kernel of
+a_i = n_i (F_i + δ) ⊙ Δ_i and b_i = n_i (F_i + δ), added up by :func:`fishmerge.kernels.add_fisher_terms` — the kernel of
 `fishmerge merge`. FedAvg is the same with F_i ≡ 0 and δ = 1. The server divides the sums
 (:func:`fishmerge.kernels.divide_sums`) and applies a server optimizer to the pseudo-gradient −Δ (FedOpt,
 Reddi et al. 2021, "Adaptive Federated Optimization"). Nothing here knows about processes: the driver reduces
@@ -18,7 +18,7 @@ import torch
 from fishmerge.federated.config import FederatedConfig, ServerSpec
 from fishmerge.federated.models import load_state
 from fishmerge.fisher.estimate import accumulate_fisher
-from fishmerge.kernels import divide_sums, fisher_terms
+from fishmerge.kernels import add_fisher_terms, divide_sums
 from fishmerge.textdata import batches
 from fishmerge.training import EvalResult, evaluate, make_optimizer, train
 
@@ -96,9 +96,8 @@ class RoundSums:
         """Add one client's terms; FedAvg (no Fisher) uses δ = 1, i.e. weight n_i."""
         for name, delta in result.delta.items():
             fisher = result.fisher[name] if result.fisher is not None else None
-            a, b = fisher_terms(delta, fisher, float(result.n_examples), damping if fisher is not None else 1.0)
-            self.numerator[name] += a
-            self.denominator[name] += b
+            add_fisher_terms(self.numerator[name], self.denominator[name], delta, fisher, float(result.n_examples),
+                             damping if fisher is not None else 1.0)
         self.stats["clients"] += 1
         self.stats["examples"] += result.n_examples
         self.stats["train_loss"] += result.train_loss
