@@ -145,7 +145,7 @@ def markdown_table(summary: dict) -> str:
     lines = []
     controls = summary["settings"]["controls"]
     header = ("| data | E | lr | lr×E | FedAvg loss | FedFish loss | Fish − Avg loss | Fish − Avg acc | "
-              "Fish − Avg pers. post acc | Fish − Avg CSB | " + " | ".join(f"Fish − {c} loss" for c in controls) + " |")
+              "Fish − Avg pers. post acc | Fish − Avg CSB |" + "".join(f" Fish − {c} loss |" for c in controls))
     lines += [header, "|" + "---|" * (10 + len(controls))]
     for c in summary["cells"]:
         avg, fish = c["fedavg"]["eval_loss"], c["fedfish"]["eval_loss"]
@@ -155,8 +155,8 @@ def markdown_table(summary: dict) -> str:
                f"{c['lr_x_epochs']:g} | – | ")
         row += f"{fish['mean']:.3f} ± {fish['std']:.3f} | " if fish else "– | "
         row += f"{fmt(d['eval_loss'])} | {fmt(d['eval_accuracy'], 4)} | {fmt(d['pers_post_accuracy'], 4)} | "
-        row += f"{fmt(d['csb_loss_mean'])} | "
-        row += " | ".join(fmt(c[f"fedfish_minus_{k}"]["eval_loss"]) for k in controls) + " |"
+        row += f"{fmt(d['csb_loss_mean'])} |"
+        row += "".join(f" {fmt(c[f'fedfish_minus_{k}']['eval_loss'])} |" for k in controls)
         lines.append(row)
     lines.append("")
     lines.append("Differences are paired by seed (FedFish run − other run with the same seed): mean [min, max] over "
