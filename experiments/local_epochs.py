@@ -237,7 +237,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "beer"])
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.3])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.05, 0.3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--controls", nargs="*", default=["fedavg_slr2", "fedavg_adam"],
                         choices=["fedavg_slr2", "fedavg_adam"])
