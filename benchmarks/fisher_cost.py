@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median, print_table, write_json  # noqa: E402
 
-from fishmerge.fisher.estimate import accumulate_fisher  # noqa: E402
+from fishmerge.fisher.accumulate import accumulate_fisher  # noqa: E402
 from fishmerge.fisher.persample import causal_lm_nll  # noqa: E402
 
 ESTIMATORS = ("empirical", "sampled", "batch")

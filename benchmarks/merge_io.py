@@ -67,7 +67,7 @@ def _build_one(root: Path, size: str, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fishmerge.fisher.estimate import FisherSums, fisher_metadata, save_fisher
+    from fishmerge.fisher.accumulate import FisherSums, fisher_metadata, save_fisher
 
     spec = SIZES[size]
     torch.manual_seed(seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fishmerge.fisher.estimate import ESTIMATORS
+from fishmerge.fisher.accumulate import ESTIMATORS
 
 
 def register(subparsers) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fishmerge.errors import CheckpointError
-from fishmerge.fisher.estimate import FisherSums, accumulate_fisher, fisher_metadata, save_fisher
+from fishmerge.fisher.accumulate import FisherSums, accumulate_fisher, fisher_metadata, save_fisher
 from fishmerge.modeling import LoadedModel, load_model
 from fishmerge.textdata import batches, load_texts, tokenize
 from fishmerge.writer import atomic_output_dir, check_output_path

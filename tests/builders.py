@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from conftest import tiny_llama
-from fishmerge.fisher.estimate import FisherSums, fisher_metadata, save_fisher
+from fishmerge.fisher.accumulate import FisherSums, fisher_metadata, save_fisher
 
 WORDS = "the a model data merge fisher weight layer token train test loss value python code query table".split()
 

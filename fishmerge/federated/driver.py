@@ -166,7 +166,7 @@ def run_round(run: Run, round_index: int) -> dict:
 def _save_client(run: Run, result: ClientResult, round_index: int) -> None:
     """Write θ_i (the model right after the client's update) and F_i, for inspection or an offline merge."""
     from fishmerge.estimate import parameter_keys
-    from fishmerge.fisher.estimate import FisherSums, fisher_metadata, save_fisher
+    from fishmerge.fisher.accumulate import FisherSums, fisher_metadata, save_fisher
 
     folder = Path(run.config.output_dir) / "clients" / f"round-{round_index + 1:04d}" / result.client_id
     run.model.save_pretrained(folder / "model")

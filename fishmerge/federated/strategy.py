@@ -17,7 +17,7 @@ import torch
 
 from fishmerge.federated.config import FederatedConfig, ServerSpec
 from fishmerge.federated.models import load_state
-from fishmerge.fisher.estimate import accumulate_fisher
+from fishmerge.fisher.accumulate import accumulate_fisher
 from fishmerge.kernels import add_fisher_terms, divide_sums
 from fishmerge.textdata import batches
 from fishmerge.training import EvalResult, evaluate, make_optimizer, train

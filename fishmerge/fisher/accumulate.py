@@ -1,8 +1,7 @@
 """Diagonal Fisher of a model on a dataset (SPEC §1): accumulate per-example sums, then save them.
 
 The sums are formed here without any knowledge of processes; a driver that splits the data over processes
-adds the sums and counts up (``FisherSums.merge_with`` locally, an all-reduce under Accelerate) before
-dividing by the total number of examples.
+adds the sums and counts up (an all-reduce under Accelerate) before dividing by the total number of examples.
 """
 
 from __future__ import annotations
