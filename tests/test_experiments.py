@@ -78,3 +78,17 @@ def test_local_epochs_quick(tmp_path):
     # A second invocation finds every run complete and only rewrites the summary.
     _run("local_epochs.py", tmp_path)
     assert json.loads((tmp_path / "local_epochs.json").read_text())["cells"] == summary["cells"]
+
+
+@pytest.mark.slow
+def test_pretrain_personalize_quick(tmp_path, stackexchange_dir, monkeypatch):
+    monkeypatch.setenv("FISHMERGE_STACKEXCHANGE", str(stackexchange_dir))
+    _run("pretrain_personalize.py", tmp_path)
+    summary = json.loads((tmp_path / "pretrain_personalize.json").read_text())
+    assert (tmp_path / "pretrain_personalize.png").stat().st_size > 0
+    assert set(summary["runs"]) == {"matheducators-fedavg-E1-s0", "matheducators-fedfish-E1-s0"}
+    for run in summary["runs"].values():
+        assert run["target_clients"] > 0
+        assert {"pre_loss", "post_loss", "pre_accuracy", "post_accuracy"} <= set(run["target"])
+    assert summary["start_model_target"]["pre_loss"]["n"] == 1
+    assert _finite(summary["cells"]) and _finite(summary["runs"])
