@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.local_epochs:
         out = args.local_epochs
         summary = json.loads((out / "local_epochs.json").read_text())
-        write_json({k: v for k, v in summary.items() if k != "runs"}, RESULTS / "local_epochs.json")
+        # The sweep's own wall time depends on how many runs were already complete (it resumes); the runs' sum is kept.
+        write_json({k: v for k, v in summary.items() if k not in ("runs", "sweep_wall_seconds")},
+                   RESULTS / "local_epochs.json")
         write_json(summary["runs"], RESULTS / "local_epochs_runs.json")
         shutil.copy(out / "local_epochs_table.md", RESULTS / "local_epochs_table.md")
         for extra in ("update_norms.json", "update_norms.md"):

@@ -166,6 +166,24 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def personalization_table(summary: dict) -> str:
+    """FedFish − FedAvg after personalization and without OOV/EOS, plus each aggregator's personalization gain."""
+    lines = ["| data | lr | E | Fish − Avg pers. post loss | Fish − Avg pers. post acc | "
+             "Fish − Avg held-out acc (no OOV/EOS) | FedAvg pers. gain in acc (post − pre) | FedFish pers. gain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in summary["cells"]:
+        d = c["fedfish_minus_fedavg"]
+
+        def gain(variant: str) -> str:
+            value = c[variant]["pers_delta_accuracy"]
+            return f"{value['mean']:+.4f}" if value else "–"
+
+        lines.append(f"| {c['data']} | {c['lr']:g} | {c['epochs']} | {fmt(d['pers_post_loss'])} | "
+                     f"{fmt(d['pers_post_accuracy'], 4)} | {fmt(d['eval_accuracy_no_oov_eos'], 4)} | "
+                     f"{gain('fedavg')} | {gain('fedfish')} |")
+    return "\n".join(lines)
+
+
 def plot(summary: dict, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -280,7 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not all_finite(summary["cells"]):
         print("warning: some summary values are not finite", flush=True)
     (args.out / "local_epochs.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (args.out / "local_epochs_table.md").write_text(markdown_table(summary) + "\n")
+    (args.out / "local_epochs_table.md").write_text(markdown_table(summary) + "\n\n" + personalization_table(summary)
+                                                    + "\n")
     figures = plot(summary, args.out)
     print(markdown_table(summary))
     print(f"{summary['runs_complete']}/{summary['runs_planned']} runs complete; figures: "
