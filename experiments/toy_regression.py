@@ -23,7 +23,7 @@ Setup (ours; the paper's exact toy settings are not reproduced):
   clients restart from the aggregated model and train ``--steps / R`` steps each round (a small federated run
   with the same total local computation).
 
-Run: ``python experiments/toy_regression.py --out DIR`` (seconds on a CPU). Writes ``DIR/toy_regression.json``
+Run: ``python experiments/toy_regression.py --out DIR`` (about a minute or two on a CPU core). Writes ``DIR/toy_regression.json``
 (per mode, overlap and seed: MSE of each model on each client's data and on the union, plus mean/std over seeds),
 ``DIR/toy_regression.png`` (the aggregated functions against each client's data, first seed) and prints a table.
 """
