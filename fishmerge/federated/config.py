@@ -112,6 +112,7 @@ class PersonalizationSpec(StrictModel):
     fraction: float = Field(0.8, gt=0, lt=1, description="first part of each client's examples used to fine-tune")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0, description="fine-tuning learning rate (default: client.lr)")
 
 
 class LoraSpec(StrictModel):

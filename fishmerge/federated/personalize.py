@@ -3,7 +3,7 @@
 For each evaluation client, its examples (in chronological order) are split into a personalization part
 (the first ``fraction``) and an evaluation part (the rest). The global model is evaluated on the evaluation
 part (pre), a copy is fine-tuned on the personalization part with the client optimizer, and evaluated again
-(post). The summary reports mean, median and quartiles across clients of pre, post and post − pre.
+(post); the optimizer is the client's, at ``personalization.lr`` if set. The summary reports mean, median and quartiles across clients of pre, post and post − pre.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def personalize_client(
     load_state(params, global_state)
     spec = config.client
     pre = evaluate(model, batches(held, spec.batch_size, pad_id), exclude_ids=exclude_ids)
-    optimizer = make_optimizer(spec.optimizer, params.values(), lr=spec.lr, momentum=spec.momentum)
+    lr = config.personalization.lr or spec.lr
+    optimizer = make_optimizer(spec.optimizer, params.values(), lr=lr, momentum=spec.momentum)
     train(model, tune, epochs=config.personalization.epochs, batch_size=spec.batch_size, pad_id=pad_id,
           optimizer=optimizer, seed=seed, max_steps=config.personalization.max_steps)
     post = evaluate(model, batches(held, spec.batch_size, pad_id), exclude_ids=exclude_ids)
