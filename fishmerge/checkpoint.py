@@ -162,10 +162,6 @@ class FisherCheckpoint:
     def n_examples(self) -> int:
         return int(self.metadata["n_examples"])
 
-    @property
-    def estimator(self) -> str:
-        return self.metadata["estimator"]
-
 
 def open_fisher(path: Path) -> FisherCheckpoint:
     """Open a Fisher folder and check its metadata; tensor values are checked as they are read."""

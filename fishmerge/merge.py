@@ -183,7 +183,7 @@ def _unit_norm_scale(fisher: FisherCheckpoint) -> float:
     for info in fisher.store.tensors.values():
         for rows in row_blocks(info, DEFAULT_BLOCK_BYTES):
             block = _checked_fisher(fisher, info.name, fisher.store.read(info.name, rows))
-            total += float(block.to(torch.float64).square().sum())
+            total += kernels.squared_norm(block)
     if total == 0:
         raise FisherError(f"{fisher.path} is zero everywhere, so it cannot be normalised: re-estimate it or drop normalize")
     return 1.0 / math.sqrt(total)

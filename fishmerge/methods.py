@@ -76,7 +76,3 @@ def get_method(name: str) -> MergeMethod:
         known = ", ".join(sorted(METHODS))
         raise ConfigError(f"unknown merge method {name!r}: use one of {known}") from None
 
-
-def methods_help() -> str:
-    """One line per method, for `--help`."""
-    return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())

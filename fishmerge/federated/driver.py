@@ -56,7 +56,6 @@ class Run:
     model: torch.nn.Module
     params: dict[str, torch.nn.Parameter]
     server: ServerOptimizer
-    base_folder: Path
     client_index: dict[str, int]
 
     @property
@@ -109,7 +108,7 @@ def _setup(config: FederatedConfig, accelerator) -> Run:
     logger.info("%s; %d train clients; %d trainable parameters", data.description, len(data.train_clients),
                 sum(p.numel() for p in params.values()))
     index = {client: i for i, client in enumerate(data.train_clients)}
-    return Run(config, accelerator, data, model, params, server, folder, index)
+    return Run(config, accelerator, data, model, params, server, index)
 
 
 # ---- the round: configure, fit on clients, aggregate, evaluate --------------------------------------------
