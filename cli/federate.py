@@ -28,32 +28,14 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace):
-    """The validated run config: the file (or defaults) with the flags on top."""
-    import yaml
-
-    from fishmerge.config import parse_config
-    from fishmerge.errors import ConfigError
-    from fishmerge.federated.config import FederatedConfig
-
-    data = {}
-    if args.config is not None:
-        if not args.config.is_file():
-            raise ConfigError(f"config file {args.config} does not exist: check the path")
-        data = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{args.config}: expected a mapping of keys to values")
-    flags = {"rounds": args.rounds, "clients_per_round": args.clients_per_round, "local_epochs": args.local_epochs,
-             "aggregator": args.aggregator, "output_dir": args.output_dir, "seed": args.seed}
-    data |= {k: v for k, v in flags.items() if v is not None}
-    return parse_config(FederatedConfig, data, str(args.config or "command line"))
-
-
 def run(args: argparse.Namespace) -> int:
+    from fishmerge.federated.config import load_run_config
     from fishmerge.federated.driver import run_federated
 
     check_push_args(args)
-    config = config_from_args(args)
+    config = load_run_config(args.config, rounds=args.rounds, clients_per_round=args.clients_per_round,
+                             local_epochs=args.local_epochs, aggregator=args.aggregator, output_dir=args.output_dir,
+                             seed=args.seed)
     final = run_federated(config, resume=args.resume, repo_id=args.push_to_hub)
     from accelerate import PartialState
 

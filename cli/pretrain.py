@@ -21,15 +21,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fishmerge.cli.federate import config_from_args
     from fishmerge.errors import ConfigError
+    from fishmerge.federated.config import load_run_config
     from fishmerge.federated.data import load_federated_data
     from fishmerge.federated.models import build_pretrained, default_cache_dir
     from fishmerge.writer import check_output_path
 
-    for flag in ("rounds", "clients_per_round", "local_epochs", "aggregator", "output_dir", "seed"):
-        setattr(args, flag, None)
-    config = config_from_args(args)
+    config = load_run_config(args.config)
     if config.model.new is None:
         raise ConfigError("pretrain builds model.new; this config points at a checkpoint (model.path) instead")
     check_output_path(args.out, [], overwrite=args.overwrite)

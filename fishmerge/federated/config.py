@@ -8,7 +8,8 @@ from typing import Literal
 import yaml
 from pydantic import Field, model_validator
 
-from fishmerge.config import StrictModel
+from fishmerge.config import StrictModel, parse_config
+from fishmerge.errors import ConfigError
 
 
 class SmallModel(StrictModel):
@@ -147,3 +148,20 @@ class FederatedConfig(StrictModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_run_config(path: Path | None = None, **overrides: object) -> FederatedConfig:
+    """The run config in ``path`` (or the embedded defaults), with the ``overrides`` that are not None on top."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: check the path")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values")
+    data |= {key: value for key, value in overrides.items() if value is not None}
+    return parse_config(FederatedConfig, data, str(path or "command line"))

@@ -368,15 +368,14 @@ def _federated_card(run: Run, out: Path, personalization: dict | None, repo_id: 
 
 def personalize_run(output_dir: Path, split: str | None = None) -> dict:
     """Personalization (SPEC §4) of a run's latest global model, on demand; writes and returns the summary."""
-    import yaml
     from accelerate import Accelerator
 
-    from fishmerge.config import parse_config
+    from fishmerge.federated.config import load_run_config
 
     out = Path(output_dir)
     if not (out / CONFIG_FILE).exists() or not (out / STATE_FILE).exists():
         raise OutputError(f"{out} holds no completed round of a run: give the --output-dir of `fishmerge federate`")
-    config = parse_config(FederatedConfig, yaml.safe_load((out / CONFIG_FILE).read_text()), str(out / CONFIG_FILE))
+    config = load_run_config(out / CONFIG_FILE)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     run = _setup(config, accelerator)
     _restore(run, out / json.loads((out / STATE_FILE).read_text())["checkpoint"])
