@@ -194,30 +194,30 @@ def bench_size(root: Path, size: str, repeats: int, mergekit: str | None, block_
     for method in methods:
         files = input_files(root, with_fishers=method == "fisher")
         total = sum(f.stat().st_size for f in files)
-        runs, floors = [], []
-        for _ in range(repeats):
-            warm(files)
-            floors.append(time_floor(files))
-            shutil.rmtree(out, ignore_errors=True)
-            warm(files)
-            runs.append(run_measured(fishmerge_cmd(root, method, out, block_bytes, threads), threads))
-            shutil.rmtree(out, ignore_errors=True)
+        runs, floors = _timed(fishmerge_cmd(root, method, out, block_bytes, threads), files, out, repeats, threads)
         rows.append(_row(size, params, f"fishmerge {method}", runs, floors, total))
         if method == "average" and mergekit:
             rows.append(_mergekit_row(root, size, params, mergekit, repeats, files, total, out, threads))
     return rows
 
 
-def _mergekit_row(root: Path, size: str, params: int, mergekit: str, repeats: int, files: list[Path],
-                  total: int, out: Path, threads: int | None) -> dict[str, Any]:
+def _timed(command: list[str], files: list[Path], out: Path, repeats: int,
+           threads: int | None) -> tuple[list[dict[str, Any]], list[float]]:
+    """Each repeat: the I/O floor, then the merge, both from the same warm page cache."""
     runs, floors = [], []
     for _ in range(repeats):
         warm(files)
         floors.append(time_floor(files))
         shutil.rmtree(out, ignore_errors=True)
         warm(files)
-        runs.append(run_measured(mergekit_cmd(mergekit, root, out), threads))
+        runs.append(run_measured(command, threads))
         shutil.rmtree(out, ignore_errors=True)
+    return runs, floors
+
+
+def _mergekit_row(root: Path, size: str, params: int, mergekit: str, repeats: int, files: list[Path],
+                  total: int, out: Path, threads: int | None) -> dict[str, Any]:
+    runs, floors = _timed(mergekit_cmd(mergekit, root, out), files, out, repeats, threads)
     for run in runs:  # mergekit reports nothing itself: its whole process is the merge
         run["merge_s"] = run["process_s"]
     return _row(size, params, "mergekit linear", runs, floors, total)
