@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from fishmerge.errors import CheckpointError, FisherError
-from fishmerge.tensorstore import TensorInfo, TensorStore
+from fishmerge.tensorstore import TensorInfo, TensorSource, TensorStore
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ AUX_FILES = (
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 
 
-class PickleStore:
+class PickleStore(TensorSource):
     """``.bin`` weights loaded with ``torch.load(weights_only=True, mmap=True)``, behind TensorStore's interface."""
 
     def __init__(self, folder: Path, filename: str):
@@ -66,15 +66,6 @@ class PickleStore:
             for n, t in self._tensors.items()
         }
         self.metadata: dict[str, str] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        return self.tensors[name]
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         tensor = self._tensors[name]

@@ -114,7 +114,22 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     return TensorInfo(name, shape, dtype, path, data_start + begin, expected)
 
 
-class TensorStore:
+class TensorSource:
+    """Lookup shared by every store: ``tensors`` maps each name to its :class:`TensorInfo`."""
+
+    tensors: dict[str, TensorInfo]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+
+class TensorStore(TensorSource):
     """The tensors of a checkpoint folder: one safetensors file, or shards listed by an index.
 
     Args:
@@ -140,15 +155,6 @@ class TensorStore:
     def metadata(self) -> dict[str, str]:
         """The first shard's string metadata (writers put the same metadata in every shard)."""
         return self.files[0].metadata if self.files else {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        return self.tensors[name]
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """Read a tensor, or the block ``rows`` of its first dimension, from disk."""
