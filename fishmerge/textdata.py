@@ -27,7 +27,7 @@ def load_texts(data: str | Path, *, text_column: str | None = None, max_examples
     if path.suffix == ".txt":
         texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     else:
-        dataset = _load_dataset(path)
+        dataset = load_dataset_path(path)
         column = _text_column(dataset, text_column, path)
         texts = [str(t) for t in dataset[column] if t is not None and str(t).strip()]
     if max_examples is not None:
@@ -37,7 +37,8 @@ def load_texts(data: str | Path, *, text_column: str | None = None, max_examples
     return texts
 
 
-def _load_dataset(path: Path):
+def load_dataset_path(path: Path):
+    """A ``datasets.Dataset`` from a ``save_to_disk`` folder (its ``train`` split) or a data file."""
     import datasets
 
     try:

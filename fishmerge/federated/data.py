@@ -25,6 +25,7 @@ from fishmerge.data.synthetic import write_synthetic_stackoverflow
 from fishmerge.data.tokenizer import OOV_TOKEN, build_word_level_tokenizer, encode_sentences
 from fishmerge.errors import DataError
 from fishmerge.federated.config import DataSpec
+from fishmerge.textdata import load_dataset_path
 
 logger = logging.getLogger(__name__)
 
@@ -154,22 +155,12 @@ def _cached_vocab(path: Path, size: int, cache_dir: Path) -> list[str]:
 
 
 def _from_dataset(spec: DataSpec, tokenizer) -> FederatedData:
-    import datasets
-
     if tokenizer is None:
         raise DataError("data.source dataset is tokenized with the model's own tokenizer: set model.path to a checkpoint")
     path = Path(spec.path)  # type: ignore[arg-type]
     if not path.exists():
         raise DataError(f"dataset {path} does not exist: check data.path")
-    if path.is_dir():
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-    else:
-        from fishmerge.textdata import BUILDERS
-
-        dataset = datasets.load_dataset(BUILDERS.get(path.suffix, "json"), data_files=str(path), split="train")
-    clients = partition_by_user(dataset, user_column=spec.user_column, text_column=spec.text_column,
+    clients = partition_by_user(load_dataset_path(path), user_column=spec.user_column, text_column=spec.text_column,
                                 min_examples=spec.min_examples)
     ids = list(clients)
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 7]))
