@@ -69,3 +69,16 @@ def load_state(folder: Path, stem: str = "model") -> dict[str, torch.Tensor]:
     for name in files:
         state.update(load_file(Path(folder) / name))
     return state
+
+
+def fails_with_one_line(capsys, argv, *needles) -> str:
+    """Run the CLI on ``argv``: a non-zero exit and exactly one error line (progress bars aside) naming ``needles``."""
+    from fishmerge.cli.main import main
+
+    code = main([str(x) for x in argv])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("fishmerge "), err
+    for needle in needles:
+        assert needle in err[0], err[0]
+    return err[0]

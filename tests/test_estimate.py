@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import WORDS, load_state, save_adapter, save_model
+from builders import WORDS, fails_with_one_line, load_state, save_adapter, save_model
 from fishmerge.checkpoint import open_fisher
 from fishmerge.cli.main import main
 from fishmerge.fisher.persample import causal_lm_nll
@@ -121,25 +121,17 @@ def test_adapter_fisher_covers_only_adapter_parameters_and_merges(model_dir, tmp
     assert (tmp_path / "merged" / "adapter_model.safetensors").exists()
 
 
-def _fails(capsys, argv, *needles):
-    code = main([str(a) for a in argv])
-    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert code != 0 and len(err) == 1, err
-    for needle in needles:
-        assert needle in err[0], err[0]
-
-
 def test_empty_dataset_and_missing_text_column(model_dir, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
-    _fails(capsys, ["estimate", model_dir, empty, "--out", tmp_path / "o"], "no non-empty examples")
+    fails_with_one_line(capsys, ["estimate", model_dir, empty, "--out", tmp_path / "o"], "no non-empty examples")
     data = _write_jsonl(tmp_path / "d.jsonl", TEXTS, column="body")
-    _fails(capsys, ["estimate", model_dir, data, "--out", tmp_path / "o", "--text-column", "txt"],
+    fails_with_one_line(capsys, ["estimate", model_dir, data, "--out", tmp_path / "o", "--text-column", "txt"],
            "no column 'txt'", "--text-column")
     data2 = _write_jsonl(tmp_path / "d2.jsonl", TEXTS, column="body")
     with open(data2, "a") as f:
         f.write(json.dumps({"body": "x", "title": "y"}) + "\n")
-    _fails(capsys, ["estimate", model_dir, data2, "--out", tmp_path / "o"], "no 'text' column", "--text-column")
+    fails_with_one_line(capsys, ["estimate", model_dir, data2, "--out", tmp_path / "o"], "no 'text' column", "--text-column")
     assert not (tmp_path / "o").exists()
 
 
@@ -152,13 +144,13 @@ def test_remote_code_is_refused_unless_trusted(model_dir, tmp_path, capsys):
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     (remote / "config.json").write_text(json.dumps(config))
     data = _write_jsonl(tmp_path / "d.jsonl", TEXTS)
-    _fails(capsys, ["estimate", remote, data, "--out", tmp_path / "o"], "auto_map", "--trust-remote-code")
+    fails_with_one_line(capsys, ["estimate", remote, data, "--out", tmp_path / "o"], "auto_map", "--trust-remote-code")
     assert not (tmp_path / "o").exists()
 
 
 def test_estimate_output_may_not_be_inside_the_model(model_dir, tmp_path, capsys):
     data = _write_jsonl(tmp_path / "d.jsonl", TEXTS)
-    _fails(capsys, ["estimate", model_dir, data, "--out", model_dir / "fisher"], "inside input")
+    fails_with_one_line(capsys, ["estimate", model_dir, data, "--out", model_dir / "fisher"], "inside input")
     assert not (model_dir / "fisher").exists()
 
 
