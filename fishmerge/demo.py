@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from fishmerge.data.synthetic import general_sentences, topic_sentences
-from fishmerge.data.tokenizer import build_word_level_tokenizer, encode_sentences
+from fishmerge.data.tokenizer import build_word_level_tokenizer, word_sequences
 from fishmerge.estimate import EstimateOptions, estimate_fisher
 from fishmerge.merge import merge
 from fishmerge.modeling import build_small_llama
@@ -38,7 +38,7 @@ def run_demo(output_dir: Path, *, seed: int = 0, quick: bool = False) -> list[tu
     test_a, test_b = topic_sentences(TOPIC_A, 200, seed + 11), topic_sentences(TOPIC_B, 200, seed + 12)
     counts = Counter(w for s in general + train_a + train_b for w in s.split())
     tokenizer = build_word_level_tokenizer(sorted(counts, key=lambda w: (-counts[w], w)))
-    encode = lambda texts: _sequences(tokenizer, texts)  # noqa: E731
+    encode = lambda texts: word_sequences(tokenizer, texts)  # noqa: E731
     pad = tokenizer.pad_token_id
 
     logger.info("pretraining a small Llama on %d general sentences", len(general))
@@ -77,12 +77,6 @@ def run_demo(output_dir: Path, *, seed: int = 0, quick: bool = False) -> list[tu
         results = [evaluate(loaded, batches(encode(test), 64, pad)) for test in (test_a, test_b)]
         rows.append((label, *results))
     return rows
-
-
-def _sequences(tokenizer, sentences: list[str]) -> list[list[int]]:
-    # TFF's (x, y) pairs give back the whole sequence [BOS] + words (+ EOS): x[0] then y without padding.
-    x, y = encode_sentences(tokenizer, sentences)
-    return [[int(xr[0])] + [int(t) for t in yr if t != tokenizer.pad_token_id] for xr, yr in zip(x, y)]
 
 
 def _save(model, tokenizer, folder: Path) -> Path:

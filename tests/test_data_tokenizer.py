@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from fishmerge.data.tokenizer import (
+    word_sequences,
     BOS_TOKEN,
     EOS_TOKEN,
     OOV_TOKEN,
@@ -116,3 +117,10 @@ def test_save_pretrained_autotokenizer_round_trip(tok, tmp_path):
 def test_bad_vocabularies_raise_data_error(vocab, match):
     with pytest.raises(DataError, match=match):
         build_word_level_tokenizer(vocab)
+
+
+def test_word_sequences_are_the_unpadded_tff_sequences(tok):
+    short, long = word_sequences(tok, ["how to sort a list ?", " ".join(["the"] * 25)])
+    assert short == [BOS, 8, 3, 9, 7, 6, 10, EOS]  # [BOS] + words + EOS: fewer than 20 words
+    assert long == [BOS] + [1] * 20  # cut to 20 words, no EOS
+    assert word_sequences(tok, []) == []

@@ -41,6 +41,7 @@ from fishmerge.data.tokenizer import (
     build_word_level_tokenizer,
     encode_sentence,
     encode_sentences,
+    word_sequences,
 )
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "encode_example",
     "encode_sentence",
     "encode_sentences",
+    "word_sequences",
     "encode_stackoverflow_example",
     "general_sentences",
     "partition_by_user",

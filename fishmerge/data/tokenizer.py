@@ -141,3 +141,12 @@ def encode_sentences(
         x[row, : len(seq) - 1] = torch.tensor(seq[:-1])
         y[row, : len(seq) - 1] = torch.tensor(seq[1:])
     return x, y
+
+
+def word_sequences(tokenizer, sentences: Sequence[str], max_words: int = DEFAULT_MAX_WORDS) -> list[list[int]]:
+    """TFF's word-level sequences [BOS] + first max_words words (+ EOS if fewer), without padding."""
+    if not sentences:
+        return []
+    x, y = encode_sentences(tokenizer, list(sentences), max_words=max_words)
+    pad = tokenizer.pad_token_id
+    return [[int(xr[0])] + [int(t) for t in yr if t != pad] for xr, yr in zip(x, y)]

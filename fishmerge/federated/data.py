@@ -22,7 +22,7 @@ from fishmerge.data.partition import partition_by_user
 from fishmerge.data.posts_xml import convert_posts_xml
 from fishmerge.data.stackoverflow import StackOverflowReader, build_vocab
 from fishmerge.data.synthetic import write_synthetic_stackoverflow
-from fishmerge.data.tokenizer import OOV_TOKEN, build_word_level_tokenizer, encode_sentences
+from fishmerge.data.tokenizer import OOV_TOKEN, build_word_level_tokenizer, word_sequences
 from fishmerge.errors import DataError
 from fishmerge.federated.config import DataSpec
 from fishmerge.textdata import load_dataset_path
@@ -54,15 +54,6 @@ class FederatedData:
     def forget(self, split: str) -> None:
         """Drop the kept sequences of ``split``, so memory holds one round's clients, not the whole dataset."""
         self._cache = {key: value for key, value in self._cache.items() if key[0] != split}
-
-
-def word_sequences(tokenizer, sentences: Sequence[str], max_words: int) -> Sequences:
-    """TFF's word-level sequences [BOS] + first max_words words (+ EOS if fewer), without padding."""
-    if not sentences:
-        return []
-    x, y = encode_sentences(tokenizer, list(sentences), max_words=max_words)
-    pad = tokenizer.pad_token_id
-    return [[int(xr[0])] + [int(t) for t in yr if t != pad] for xr, yr in zip(x, y)]
 
 
 def is_word_level(tokenizer) -> bool:

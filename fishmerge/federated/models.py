@@ -15,7 +15,8 @@ import torch
 
 from fishmerge.data.synthetic import general_sentences
 from fishmerge.federated.config import FederatedConfig, LoraSpec
-from fishmerge.federated.data import is_word_level, word_sequences
+from fishmerge.data.tokenizer import word_sequences
+from fishmerge.federated.data import is_word_level
 from fishmerge.modeling import build_small_llama
 from fishmerge.training import make_optimizer, train
 from fishmerge.writer import atomic_output_dir
