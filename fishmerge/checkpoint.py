@@ -67,11 +67,11 @@ class PickleStore(TensorSource):
         }
         self.metadata: dict[str, str] = {}
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         tensor = self._tensors[name]
         block = tensor if rows is None else tensor[rows]
         self.bytes_read += block.numel() * block.element_size()
-        return block.clone()
+        return block.clone() if out is None else out.copy_(block)
 
 
 @dataclass

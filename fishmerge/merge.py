@@ -9,6 +9,7 @@ the size of the model or the number of inputs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,8 @@ from fishmerge.checkpoint import Checkpoint, FisherCheckpoint, copy_aux_files, o
 from fishmerge.config import MergeRecipe, load_yaml_config, parse_config
 from fishmerge.errors import ConfigError, FisherError, IncompatibleCheckpointsError
 from fishmerge.methods import MergeMethod, get_method
-from fishmerge.tensorstore import TensorInfo, row_blocks
+from fishmerge.tensorstore import TensorInfo, TensorSource, block_shape, read_ahead, row_blocks
+from fishmerge.workspace import Workspace
 from fishmerge.writer import ShardedWriter, TensorSpec, atomic_output_dir, check_output_path, parse_size
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 # Blocks this small keep every fp32 temporary of the kernel in cache and in memory the allocator reuses;
 # 2 MiB and up ran ~3x slower per byte on a 2-core EPYC (fresh pages and cache misses on every temporary).
 DEFAULT_BLOCK_BYTES = 2**20
+# Blocks read ahead on a background thread while the current one is merged.
+READ_AHEAD = 1
 MAX_LISTED = 20
 
 
@@ -211,11 +215,21 @@ def execute_merge(plan: MergePlan, out: Path, *, overwrite: bool = False, block_
     max_shard = parse_size(plan.recipe.max_shard_size)
     if plan.kind == "adapter":
         max_shard = max(max_shard, sum(s.nbytes for s in specs))  # PEFT loads adapters from one file only
+    jobs = [(task, rows) for task in plan.tasks
+            for rows in row_blocks(plan.checkpoints[0].store.info(task.name), block_bytes)]
+    # One workspace per read-ahead slot (filled by the reader thread) and one for the arithmetic.
+    buffers = [Workspace() for _ in range(READ_AHEAD + 1)]
+    workspace = Workspace()
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, stem, specs, max_shard_bytes=max_shard, metadata=metadata)
-        for task in tqdm(plan.tasks, desc="merging", unit="tensor", leave=False):
-            for rows in row_blocks(plan.checkpoints[0].store.info(task.name), block_bytes):
-                writer.write(task.name, _merge_block(plan, task, rows).to(task.dtype))
+        with tqdm(total=sum(s.nbytes for s in specs), desc="merging", unit="B", unit_scale=True, leave=False) as bar:
+            for (task, rows), block in read_ahead(jobs, lambda job, slot: _read_block(plan, *job, buffers[slot]),
+                                                  READ_AHEAD):
+                merged = _merge_block(plan, task, block, workspace)
+                if merged.dtype != task.dtype:
+                    merged = workspace.tensor("output", merged.shape, task.dtype).copy_(merged)
+                writer.write(task.name, merged)
+                bar.update(merged.nbytes)
         writer.close()
         copy_aux_files(plan.base, tmp)
         _write_card(plan, tmp, repo_id)
@@ -223,8 +237,42 @@ def execute_merge(plan: MergePlan, out: Path, *, overwrite: bool = False, block_
     return out
 
 
-def _merge_block(plan: MergePlan, task: TensorTask, rows: slice) -> torch.Tensor:
-    values = [c.store.read(task.name, rows) for c in plan.checkpoints]
+@dataclass
+class _Block:
+    """One block of rows of one tensor from every input, stacked along a new first dimension: θ_i, and F_i
+    (checked and scaled) when the method uses them."""
+
+    values: torch.Tensor
+    fishers: torch.Tensor | None
+
+
+def _read_block(plan: MergePlan, task: TensorTask, rows: slice, buffers: Workspace) -> _Block:
+    # Runs on the reader thread, so the Fisher checks overlap with the arithmetic of the previous block too.
+    values = _read_stacked([c.store for c in plan.checkpoints], task.name, rows, buffers, "values")
+    if task.rule != "method" or plan.fishers is None:
+        return _Block(values, None)
+    fishers = _read_stacked([f.store for f in plan.fishers], task.name, rows, buffers, "fishers")
+    _check_fishers(plan.fishers, task.name, fishers)
+    for fisher, scale in zip(fishers, plan.fisher_scales):
+        if scale != 1.0:  # without normalize every scale is 1: skipping it saves a pass over every Fisher
+            fisher.mul_(scale)
+    return _Block(values, fishers)
+
+
+def _read_stacked(stores: Sequence[TensorSource], name: str, rows: slice, buffers: Workspace, key: str) -> torch.Tensor:
+    infos = [store.info(name) for store in stores]
+    dtype = functools.reduce(torch.promote_types, (info.dtype for info in infos))
+    stacked = buffers.tensor(key, (len(stores), *block_shape(infos[0], rows)), dtype)
+    for i, (store, info, row) in enumerate(zip(stores, infos, stacked)):
+        if info.dtype == dtype:
+            store.read(name, rows, out=row)
+        else:  # inputs saved in different dtypes: read each as it is, then widen it into the common buffer
+            row.copy_(store.read(name, rows, out=buffers.tensor((key, i), row.shape, info.dtype)))
+    return stacked
+
+
+def _merge_block(plan: MergePlan, task: TensorTask, block: _Block, workspace: Workspace) -> torch.Tensor:
+    values = block.values
     if task.rule == "copy":
         for checkpoint, value in zip(plan.checkpoints[1:], values[1:]):
             if not torch.equal(value, values[0]):
@@ -234,29 +282,19 @@ def _merge_block(plan: MergePlan, task: TensorTask, rows: slice) -> torch.Tensor
                 )
         return values[0]
     if task.rule == "average":
-        return kernels.weighted_average(values, plan.weights)
-    fishers = None
-    if plan.fishers is not None:
-        fishers = [
-            _scaled(_checked_fisher(f, task.name, f.store.read(task.name, rows)), scale)
-            for f, scale in zip(plan.fishers, plan.fisher_scales)
-        ]
-    return plan.method.kernel(values, fishers, plan.weights, plan.recipe.damping)
+        return kernels.weighted_average(values, plan.weights, workspace)
+    return plan.method.kernel(values, block.fishers, plan.weights, plan.recipe.damping, workspace)
 
 
-def _scaled(block: torch.Tensor, scale: float) -> torch.Tensor:
-    # Without normalize the scale is 1: skipping it saves a full pass over every Fisher block.
-    return block if scale == 1.0 else block.mul_(scale)
+def _check_fishers(fishers: Sequence[FisherCheckpoint], name: str, stacked: torch.Tensor) -> None:
+    # One screen covers every input's block; which input fails is looked for only when the screen fails.
+    if not _passes_screen(stacked):
+        for fisher, block in zip(fishers, stacked):
+            _checked_fisher(fisher, name, block)
 
 
 def _checked_fisher(fisher: FisherCheckpoint, name: str, block: torch.Tensor) -> torch.Tensor:
-    # One reduction screens the block: min/max propagate NaN, and a finite max with min >= 0 means every value
-    # is finite and non-negative. isfinite().all() plus (block < 0).any() cost ~20x more per element on a CPU
-    # and dominated the merge; the precise checks below run only for a block that fails the screen.
-    if block.numel() == 0:
-        return block
-    low, high = torch.aminmax(block)
-    if bool(low >= 0) and bool(high < math.inf):
+    if _passes_screen(block):
         return block
     if not bool(torch.isfinite(block).all()):
         raise FisherError(f"{fisher.path} has NaN or Inf values in {name}: re-estimate it (lower the learning rate "
@@ -264,6 +302,16 @@ def _checked_fisher(fisher: FisherCheckpoint, name: str, block: torch.Tensor) ->
     if bool((block < 0).any()):
         raise FisherError(f"{fisher.path} has negative values in {name}, which a Fisher cannot have: re-estimate it")
     return block
+
+
+def _passes_screen(block: torch.Tensor) -> bool:
+    # One reduction screens a block: min/max propagate NaN, and a finite max with min >= 0 means every value
+    # is finite and non-negative. isfinite().all() plus (block < 0).any() cost ~20x more per element on a CPU
+    # and dominated the merge; the precise checks run only for a block that fails the screen.
+    if block.numel() == 0:
+        return True
+    low, high = torch.aminmax(block)
+    return bool(low >= 0) and bool(high < math.inf)
 
 
 def _write_card(plan: MergePlan, folder: Path, repo_id: str | None) -> None:

@@ -10,9 +10,10 @@ from torch import Tensor
 from fishmerge import kernels
 from fishmerge.citations import FEDAVG_BIBTEX, FEDFISH_BIBTEX, FISHER_MERGING_BIBTEX
 from fishmerge.errors import ConfigError
+from fishmerge.workspace import Workspace
 
-# (values, fishers or None, weights, damping) -> merged fp32 tensor
-MergeFn = Callable[[Sequence[Tensor], Sequence[Tensor] | None, Sequence[float], float], Tensor]
+# (values, fishers or None, weights, damping, workspace for its temporaries) -> merged fp32 tensor
+MergeFn = Callable[[Sequence[Tensor], Sequence[Tensor] | None, Sequence[float], float, Workspace | None], Tensor]
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,12 @@ class MergeMethod:
     kernel: MergeFn
 
 
-def _average(values, fishers, weights, damping):
-    return kernels.weighted_average(values, weights)
+def _average(values, fishers, weights, damping, workspace=None):
+    return kernels.weighted_average(values, weights, workspace)
 
 
-def _fisher(values, fishers, weights, damping):
-    return kernels.fisher_merge(values, fishers, weights, damping)
+def _fisher(values, fishers, weights, damping, workspace=None):
+    return kernels.fisher_merge(values, fishers, weights, damping, workspace)
 
 
 METHODS: dict[str, MergeMethod] = {

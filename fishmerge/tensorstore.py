@@ -12,9 +12,13 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -38,6 +42,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+J = TypeVar("J")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -156,20 +162,56 @@ class TensorStore(TensorSource):
         """The first shard's string metadata (writers put the same metadata in every shard)."""
         return self.files[0].metadata if self.files else {}
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """Read a tensor, or the block ``rows`` of its first dimension, from disk."""
+    def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read a tensor, or the block ``rows`` of its first dimension, from disk (into ``out`` if given:
+        contiguous, shaped by :func:`block_shape`, of the tensor's dtype)."""
         info = self.tensors[name]
         start, stop = (0, info.shape[0] if info.shape else 1) if rows is None else (rows.start, rows.stop)
         count = (stop - start) * info.row_bytes
-        shape = (stop - start, *info.shape[1:]) if info.shape else ()
         # Read straight into the tensor's own memory: a zero-filled bytearray would cost one more pass.
-        tensor = torch.empty(shape, dtype=info.dtype)
+        tensor = torch.empty(block_shape(info, rows), dtype=info.dtype) if out is None else out
         if count:
             raw = memoryview(tensor.view(-1).view(torch.uint8).numpy())
             _pread_into(info.path, info.offset + start * info.row_bytes, raw)
         self.bytes_read += count
         return tensor
 
+
+def block_shape(info: TensorInfo, rows: slice | None) -> tuple[int, ...]:
+    """The shape of the block ``rows`` of the tensor ``info`` (the whole tensor for ``None``)."""
+    if rows is None or not info.shape:
+        return info.shape
+    return (rows.stop - rows.start, *info.shape[1:])
+
+
+def read_ahead(jobs: Iterable[J], read: Callable[[J, int], R], depth: int = 1) -> Iterator[tuple[J, R]]:
+    """Yield ``(job, read(job, slot))`` in order, while a background thread reads the next ``depth`` jobs.
+
+    ``pread`` and torch kernels release the GIL, so the reads of the next block overlap with the work on the
+    current one. ``slot`` cycles through ``depth + 1`` values and a slot is handed out again only after the
+    consumer has asked for the job that follows its last user: ``read`` may fill buffers owned by the slot.
+    An error in ``read`` is raised here, at its job.
+    """
+    jobs = iter(jobs)
+    pending: deque[tuple[J, Future[R]]] = deque()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fishmerge-read")
+    submitted = 0
+
+    def submit() -> None:
+        nonlocal submitted
+        for job in islice(jobs, 1):
+            pending.append((job, pool.submit(read, job, submitted % (depth + 1))))
+            submitted += 1
+
+    try:
+        for _ in range(depth + 1):
+            submit()
+        while pending:
+            job, future = pending.popleft()
+            yield job, future.result()
+            submit()  # the consumer is done with `job`, so its slot is free again
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def row_blocks(info: TensorInfo, max_bytes: int) -> Iterator[slice]:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fishmerge.kernels import add_fisher_terms, divide_sums, fisher_merge, weighted_average
+from fishmerge.workspace import Workspace
 
 
 def _inputs(m=3, shape=(5, 4), seed=0):
@@ -11,6 +12,12 @@ def _inputs(m=3, shape=(5, 4), seed=0):
     values = [torch.randn(shape, generator=g) for _ in range(m)]
     fishers = [torch.rand(shape, generator=g) for _ in range(m)]
     return values, fishers
+
+
+def _formula(values, fishers, weights, damping):
+    # SPEC §2 written out, term by term.
+    numerator = sum(w * (f + damping) * v.float() for v, f, w in zip(values, fishers, weights))
+    return numerator / sum(w * (f + damping) for f, w in zip(fishers, weights))
 
 
 def test_hand_computed_two_models():
@@ -68,9 +75,8 @@ def test_terms_summed_and_divided_equal_the_merge():
     weights = [1.0, 2.0, 3.0]
     numerator, denominator = torch.zeros(5, 4), torch.zeros(5, 4)
     for v, f, w in zip(values, fishers, weights):
-        add_fisher_terms(numerator, denominator, v, f, w, 1e-3)  # no scratch: the federated path
-    expected = sum(w * (f + 1e-3) * v for v, f, w in zip(values, fishers, weights)) / sum(
-        w * (f + 1e-3) for f, w in zip(fishers, weights))
+        add_fisher_terms(numerator, denominator, v, f, w, 1e-3)  # one client at a time: the federated path
+    expected = _formula(values, fishers, weights, 1e-3)
     torch.testing.assert_close(divide_sums(numerator, denominator), expected)
     torch.testing.assert_close(fisher_merge(values, fishers, weights, 1e-3), expected)
 
@@ -95,6 +101,20 @@ def test_bf16_inputs_are_merged_in_fp32():
     values, fishers = _inputs()
     merged = fisher_merge([v.bfloat16() for v in values], fishers, [1.0, 1.0, 1.0], 1e-8)
     assert merged.dtype == torch.float32
+
+
+def test_stacked_inputs_and_a_reused_workspace_give_the_formula():
+    values, fishers = _inputs()
+    weights = [1.0, 2.0, 3.0]
+    workspace = Workspace()
+    for _ in range(2):  # the second call runs in the buffers of the first
+        merged = fisher_merge(torch.stack(values), torch.stack(fishers), weights, 1e-3, workspace)
+        torch.testing.assert_close(merged, _formula(values, fishers, weights, 1e-3))
+    small_values, small_fishers = _inputs(m=3, shape=(2, 3), seed=1)  # a smaller block in the same buffers
+    merged = fisher_merge([v.bfloat16() for v in small_values], small_fishers, weights, 0.0, workspace)
+    torch.testing.assert_close(merged, _formula([v.bfloat16() for v in small_values], small_fishers, weights, 0.0))
+    average = weighted_average(torch.stack(values).bfloat16(), weights, workspace)
+    torch.testing.assert_close(average, sum(w * v.bfloat16().float() for v, w in zip(values, weights)) / 6.0)
 
 
 @pytest.mark.parametrize("bad", [dict(weights=[1.0]), dict(weights=[-1.0, 1.0, 1.0]), dict(damping=-1.0)])

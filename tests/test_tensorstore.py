@@ -1,6 +1,7 @@
 """Streaming safetensors writer and lazy reader, checked against the safetensors library itself."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fishmerge.errors import CheckpointError, OutputError
-from fishmerge.tensorstore import TensorStore, row_blocks
+from fishmerge.tensorstore import TensorStore, read_ahead, row_blocks
 from fishmerge.writer import ShardedWriter, TensorSpec, atomic_output_dir, check_output_path, parse_size, save_tensors
 
 
@@ -134,3 +135,34 @@ def test_an_index_that_disagrees_with_its_shards_is_refused(tmp_path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="does not match its shards"):
         TensorStore(tmp_path, "model")
+
+
+def test_read_ahead_yields_in_order_and_never_refills_the_slot_in_use():
+    in_use = [None]
+
+    def read(job, slot):
+        assert slot != in_use[0], "a slot was refilled while its block was still being used"
+        return slot
+
+    jobs, slots = [], []
+    for job, slot in read_ahead(range(30), read, depth=2):
+        in_use[0] = slot
+        time.sleep(0.001)  # the reader runs ahead meanwhile
+        jobs.append(job)
+        slots.append(slot)
+        in_use[0] = None
+    assert jobs == list(range(30))
+    assert slots == [k % 3 for k in range(30)]
+
+
+def test_read_ahead_raises_a_read_error_at_its_job():
+    def read(job, slot):
+        if job == 3:
+            raise OSError("disk on fire")
+        return job
+
+    got = []
+    with pytest.raises(OSError, match="disk on fire"):
+        for _, value in read_ahead(range(10), read):
+            got.append(value)
+    assert got == [0, 1, 2]
