@@ -5,9 +5,10 @@ sharded bf16 Llama checkpoints with fp32 Fishers, against the I/O floor and merg
 
 Checkpoints and Fishers are built once into --workdir (random weights, random positive Fishers: the merge's
 cost does not depend on the values) and reused by later runs. Every merge runs in its own process so that its
-peak RSS is its own (os.wait4 gives the child's rusage). Before every timed run all input files are read once
-with `cat`, so the page cache is warm for the merges and for the floor alike: the figures measure the merge
-path, not the disk.
+peak RSS is its own (os.wait4 gives the child's rusage). Before every timed run the inputs are put in the same
+page-cache state for the merges and for the floor alike: `--cache warm` (the default) reads them all once with
+`cat`, so the figures measure the merge path, not the disk; `--cache cold` evicts them, so every run reads
+from the disk, as a merge of freshly downloaded checkpoints does.
 """
 
 from __future__ import annotations
@@ -107,9 +108,20 @@ def param_count(root: Path) -> int:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def warm(files: list[Path]) -> None:
-    """Read every input once so each timed run starts from the same warm page cache."""
-    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+def prepare_cache(files: list[Path], cache: str) -> None:
+    """Put every input in the same page-cache state before each timed run, floor and merges alike: ``warm``
+    reads each once; ``cold`` evicts them (``posix_fadvise(DONTNEED)`` drops a file's clean pages without
+    root), so the run reads from the disk."""
+    if cache == "warm":
+        subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+        return
+    os.sync()  # only clean pages can be dropped
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def run_measured(cmd: list[str], threads: int | None = None) -> dict[str, Any]:
@@ -187,37 +199,38 @@ def _proc_io() -> dict[str, int]:
 
 
 def bench_size(root: Path, size: str, repeats: int, mergekit: str | None, block_bytes: int | None,
-               methods: list[str], threads: int | None) -> list[dict[str, Any]]:
+               methods: list[str], threads: int | None, cache: str) -> list[dict[str, Any]]:
     rows = []
     out = root.parent / f"out-{size}"
     params = param_count(root)
     for method in methods:
         files = input_files(root, with_fishers=method == "fisher")
         total = sum(f.stat().st_size for f in files)
-        runs, floors = _timed(fishmerge_cmd(root, method, out, block_bytes, threads), files, out, repeats, threads)
+        runs, floors = _timed(fishmerge_cmd(root, method, out, block_bytes, threads), files, out, repeats, threads,
+                              cache)
         rows.append(_row(size, params, f"fishmerge {method}", runs, floors, total))
         if method == "average" and mergekit:
-            rows.append(_mergekit_row(root, size, params, mergekit, repeats, files, total, out, threads))
+            rows.append(_mergekit_row(root, size, params, mergekit, repeats, files, total, out, threads, cache))
     return rows
 
 
-def _timed(command: list[str], files: list[Path], out: Path, repeats: int,
-           threads: int | None) -> tuple[list[dict[str, Any]], list[float]]:
-    """Each repeat: the I/O floor, then the merge, both from the same warm page cache."""
+def _timed(command: list[str], files: list[Path], out: Path, repeats: int, threads: int | None,
+           cache: str) -> tuple[list[dict[str, Any]], list[float]]:
+    """Each repeat: the I/O floor, then the merge, both from the same page-cache state."""
     runs, floors = [], []
     for _ in range(repeats):
-        warm(files)
+        prepare_cache(files, cache)
         floors.append(time_floor(files))
         shutil.rmtree(out, ignore_errors=True)
-        warm(files)
+        prepare_cache(files, cache)
         runs.append(run_measured(command, threads))
         shutil.rmtree(out, ignore_errors=True)
     return runs, floors
 
 
 def _mergekit_row(root: Path, size: str, params: int, mergekit: str, repeats: int, files: list[Path],
-                  total: int, out: Path, threads: int | None) -> dict[str, Any]:
-    runs, floors = _timed(mergekit_cmd(mergekit, root, out), files, out, repeats, threads)
+                  total: int, out: Path, threads: int | None, cache: str) -> dict[str, Any]:
+    runs, floors = _timed(mergekit_cmd(mergekit, root, out), files, out, repeats, threads, cache)
     for run in runs:  # mergekit reports nothing itself: its whole process is the merge
         run["merge_s"] = run["process_s"]
     return _row(size, params, "mergekit linear", runs, floors, total)
@@ -245,6 +258,10 @@ def _row(size: str, params: int, what: str, runs: list[dict[str, Any]], floors: 
     }
 
 
+CACHE_STATES = {
+    "warm": "every input read once with cat before each timed run",
+    "cold": "every input evicted from the page cache (posix_fadvise DONTNEED) before each timed run",
+}
 COLUMNS = ["size", "params_M", "merge", "input_GB", "bytes_read_GB", "merge_s", "process_s", "GB_per_s",
            "floor_s", "x_floor", "peak_rss_MiB"]
 
@@ -260,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-bytes", type=int, default=None, help="override the merge's row-block size")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of each merge (default: torch's own choice, one per core)")
+    parser.add_argument("--cache", choices=sorted(CACHE_STATES), default="warm",
+                        help="page-cache state of the inputs before every timed run: " +
+                        "; ".join(f"{k}: {v}" for k, v in CACHE_STATES.items()))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/merge_io.json"))
     parser.add_argument("--clean", action="store_true", help="delete the built inputs afterwards")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -277,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes.split(","):
         root = build_size(args.workdir, size)
         rows += bench_size(root, size, args.repeats, mergekit, args.block_bytes, args.methods.split(","),
-                           args.threads)
+                           args.threads, args.cache)
     print_table(rows, COLUMNS)
     write_json(args.json, {"benchmark": "merge_io", "machine": machine(), "repeats": args.repeats,
-                           "cache": "warm (every input read once with cat before each timed run)",
+                           "cache": CACHE_STATES[args.cache],
                            "block_bytes": args.block_bytes, "threads": args.threads, "rows": rows})
     if args.clean:
         shutil.rmtree(args.workdir, ignore_errors=True)

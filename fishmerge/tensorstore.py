@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import struct
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -156,6 +157,10 @@ class TensorStore(TensorSource):
                 self.tensors[name] = info
         _check_index(self.folder, stem, self.tensors)
         self.bytes_read = 0
+        # One descriptor per file for the store's lifetime: the kernel's readahead follows a file's sequential
+        # reads only within one open file, and a merge reads every file front to back.
+        self._fds: dict[Path, int] = {}
+        weakref.finalize(self, _close_all, self._fds)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -172,9 +177,21 @@ class TensorStore(TensorSource):
         tensor = torch.empty(block_shape(info, rows), dtype=info.dtype) if out is None else out
         if count:
             raw = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-            _pread_into(info.path, info.offset + start * info.row_bytes, raw)
+            _pread_into(self._fd(info.path), info.path, info.offset + start * info.row_bytes, raw)
         self.bytes_read += count
         return tensor
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as err:
+                raise CheckpointError(f"cannot read {path}: {err.strerror}; check the path and its permissions") from err
+            if hasattr(os, "posix_fadvise"):  # a larger readahead window; not on macOS or Windows
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            self._fds[path] = fd
+        return fd
 
 
 def block_shape(info: TensorInfo, rows: slice | None) -> tuple[int, ...]:
@@ -214,6 +231,12 @@ def read_ahead(jobs: Iterable[J], read: Callable[[J, int], R], depth: int = 1) -
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _close_all(fds: dict[Path, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
 def row_blocks(info: TensorInfo, max_bytes: int) -> Iterator[slice]:
     """Blocks of rows of at most ``max_bytes`` each (at least one row) that cover the tensor ``info``."""
     rows = info.shape[0] if info.shape else 1
@@ -222,17 +245,16 @@ def row_blocks(info: TensorInfo, max_bytes: int) -> Iterator[slice]:
         yield slice(start, min(rows, start + step))
 
 
-def _pread_into(path: Path, offset: int, buffer: memoryview) -> None:
+def _pread_into(fd: int, path: Path, offset: int, buffer: memoryview) -> None:
     view = memoryview(buffer).cast("B")
     count = len(view)
     done = 0
-    with path.open("rb", buffering=0) as handle:
-        # One read returns at most ~2 GiB on Linux, so large tensors take several.
-        while done < count:
-            got = os.preadv(handle.fileno(), [view[done:]], offset + done)
-            if got == 0:
-                raise CheckpointError(f"{path} ended early: the file is truncated; re-save or re-download it")
-            done += got
+    # One read returns at most ~2 GiB on Linux, so large tensors take several.
+    while done < count:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise CheckpointError(f"{path} ended early: the file is truncated; re-save or re-download it")
+        done += got
 
 
 def _shard_paths(folder: Path, stem: str) -> list[Path]:
