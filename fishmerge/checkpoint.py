@@ -67,6 +67,9 @@ class PickleStore(TensorSource):
         }
         self.metadata: dict[str, str] = {}
 
+    def prefetch(self, name: str, rows: slice | None = None) -> None:
+        """Nothing to do: the pickle is loaded already."""
+
     def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         tensor = self._tensors[name]
         block = tensor if rows is None else tensor[rows]

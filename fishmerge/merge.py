@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_BLOCK_BYTES = 2**20
 # Blocks read ahead on a background thread while the current one is merged.
 READ_AHEAD = 1
+# Blocks whose reading from disk the OS is asked to start before they are read: cold files then stream at the
+# disk's speed instead of one synchronous read at a time.
+PREFETCH = 8
 MAX_LISTED = 20
 
 
@@ -220,11 +223,17 @@ def execute_merge(plan: MergePlan, out: Path, *, overwrite: bool = False, block_
     # One workspace per read-ahead slot (filled by the reader thread) and one for the arithmetic.
     buffers = [Workspace() for _ in range(READ_AHEAD + 1)]
     workspace = Workspace()
+
+    def read(k: int, slot: int) -> _Block:
+        if k + PREFETCH < len(jobs):
+            _prefetch(plan, *jobs[k + PREFETCH])
+        return _read_block(plan, *jobs[k], buffers[slot])
+
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, stem, specs, max_shard_bytes=max_shard, metadata=metadata)
         with tqdm(total=sum(s.nbytes for s in specs), desc="merging", unit="B", unit_scale=True, leave=False) as bar:
-            for (task, rows), block in read_ahead(jobs, lambda job, slot: _read_block(plan, *job, buffers[slot]),
-                                                  READ_AHEAD):
+            for k, block in read_ahead(range(len(jobs)), read, READ_AHEAD):
+                task, rows = jobs[k]
                 merged = _merge_block(plan, task, block, workspace)
                 if merged.dtype != task.dtype:
                     merged = workspace.tensor("output", merged.shape, task.dtype).copy_(merged)
@@ -244,6 +253,14 @@ class _Block:
 
     values: torch.Tensor
     fishers: torch.Tensor | None
+
+
+def _prefetch(plan: MergePlan, task: TensorTask, rows: slice) -> None:
+    stores = [c.store for c in plan.checkpoints]
+    if task.rule == "method" and plan.fishers is not None:
+        stores += [f.store for f in plan.fishers]
+    for store in stores:
+        store.prefetch(task.name, rows)
 
 
 def _read_block(plan: MergePlan, task: TensorTask, rows: slice, buffers: Workspace) -> _Block:

@@ -181,6 +181,17 @@ class TensorStore(TensorSource):
         self.bytes_read += count
         return tensor
 
+    def prefetch(self, name: str, rows: slice | None = None) -> None:
+        """Ask the OS to start reading a tensor's block from disk now, without waiting for it: a later
+        :meth:`read` of it then finds it in the page cache. A no-op where ``posix_fadvise`` is missing."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        info = self.tensors[name]
+        start, stop = (0, info.shape[0] if info.shape else 1) if rows is None else (rows.start, rows.stop)
+        if stop > start:
+            offset = info.offset + start * info.row_bytes
+            os.posix_fadvise(self._fd(info.path), offset, (stop - start) * info.row_bytes, os.POSIX_FADV_WILLNEED)
+
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
