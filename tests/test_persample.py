@@ -418,3 +418,9 @@ def test_parameter_used_outside_its_module_is_caught(caplog: pytest.LogCaptureFi
         fast = squared_gradient_sums(model, params, nll)
     assert "outside its own module" in caplog.text
     assert_sums_close(fast, squared_gradient_sums_loop(model, params, nll.split()))
+    # Later passes over the same model start from the first pass's verdict, without watching again.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fishmerge.fisher.persample"):
+        again = squared_gradient_sums(model, params, nll)
+    assert "outside its own module" in caplog.text
+    assert_sums_close(again, fast)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -317,21 +318,35 @@ class _Unhookable(Exception):
         self.reason = reason
 
 
+# Whether a model uses a parameter outside its owning module's forward is a property of its code, not of the
+# batch. The watch that finds out costs a Python call per torch op (~20% of a small model's pass), so it runs
+# on the first pass of each (model, parameters) pair and later passes start from that pass's verdict.
+_VERDICTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], tuple[frozenset[int], dict[int, str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _per_example_sums(
     model: nn.Module, slots: list[nn.Parameter], nll: Callable[[], Tensor], chunk_size: int | None
 ) -> list[Tensor]:
     owners = _owners(model, slots)
-    fallback = _static_fallback(owners)
-    reasons = {slot: "owned by a module that is not a callable leaf" for slot in fallback}
+    key = tuple(id(p) for p in slots)
+    verdict = _VERDICTS.get(model, {}).get(key)
+    if verdict is None:
+        fallback = _static_fallback(owners)
+        reasons = {slot: "owned by a module that is not a callable leaf" for slot in fallback}
+    else:
+        fallback, reasons = set(verdict[0]), dict(verdict[1])
     while True:
         try:
-            sums = _hooked_pass(model, slots, owners, fallback, nll, chunk_size, reasons)
+            sums = _hooked_pass(model, slots, owners, fallback, nll, chunk_size, reasons, watch=verdict is None)
         except _Unhookable as err:
             # A slot caught mid-pass cannot be split between the rules and the loop: start again with it looped.
             assert not err.slots <= fallback, "a looped parameter was hooked"
             fallback |= err.slots
             reasons.update({slot: err.reason for slot in err.slots})
             continue
+        _VERDICTS.setdefault(model, {})[key] = (frozenset(fallback), reasons)
         if fallback:
             _warn_fallback(owners, sorted(fallback), reasons)
         return sums
@@ -381,10 +396,12 @@ def _hooked_pass(
     nll: Callable[[], Tensor],
     chunk_size: int | None,
     reasons: Mapping[int, str],
+    *,
+    watch: bool,
 ) -> list[Tensor]:
     looped = sorted(fallback)
     engine = _Engine(slots, chunk_size)
-    watched = {id(p): slot for slot, p in enumerate(slots) if slot not in fallback}
+    watched = {id(p): slot for slot, p in enumerate(slots) if slot not in fallback} if watch else {}
     with _only_trainable(model, [slots[s] for s in looped]), engine.attached(model, owners, fallback):
         with _UseWatch(engine, watched) if watched else contextlib.nullcontext():
             loss = nll()
