@@ -21,6 +21,7 @@ from fishmerge.fisher.accumulate import accumulate_fisher
 from fishmerge.kernels import add_fisher_terms, divide_sums
 from fishmerge.textdata import batches
 from fishmerge.training import EvalResult, evaluate, make_optimizer, train
+from fishmerge.workspace import Workspace
 
 State = dict[str, torch.Tensor]
 
@@ -80,6 +81,7 @@ class RoundSums:
     numerator: State = field(default_factory=dict)
     denominator: State = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=lambda: {"clients": 0.0, "examples": 0.0, "train_loss": 0.0})
+    workspace: Workspace = field(default_factory=Workspace, repr=False)
 
     @classmethod
     def zeros(cls, state: State, fedfish: bool) -> RoundSums:
@@ -97,7 +99,7 @@ class RoundSums:
         for name, delta in result.delta.items():
             fisher = result.fisher[name] if result.fisher is not None else None
             add_fisher_terms(self.numerator[name], self.denominator[name], delta, fisher, float(result.n_examples),
-                             damping if fisher is not None else 1.0)
+                             damping if fisher is not None else 1.0, self.workspace)
         self.stats["clients"] += 1
         self.stats["examples"] += result.n_examples
         self.stats["train_loss"] += result.train_loss
