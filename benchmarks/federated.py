@@ -6,7 +6,8 @@ of its metrics line: client training, the Fisher (FedFish), aggregation, the Cli
 held-out evaluation (every round here); checkpointing is outside it. The first round of each run is dropped
 (warm-up), the rest give a median.
 
-    python benchmarks/federated.py --workdir /tmp/fmfed --rounds 6 --clients 8 --examples 64 --local-epochs 1,2,8
+    python benchmarks/federated.py --workdir /tmp/fmfed --rounds 6 --clients 8 --examples 64 --local-epochs 1,2,8 \
+        --fisher-max-examples 16
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median, print_table, write_json  # noqa: E402
 
 
-def run_config(args: argparse.Namespace, cache: Path, local_epochs: int) -> dict:
+def run_config(args: argparse.Namespace, cache: Path, local_epochs: int, fisher_examples: int | None = None) -> dict:
     return {
+        "fisher": {"max_examples": fisher_examples},
         "model": {"new": {"hidden_size": args.hidden, "layers": args.layers, "heads": 4}},
         "data": {"max_examples_per_client": args.examples, "eval_clients": 10},
         "rounds": args.rounds,
@@ -60,33 +62,41 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=32, help="examples per client")
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--fisher-max-examples", type=int, default=None,
+                        help="also time FedFish with fisher.max_examples set to this (a subsample per client)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/federated.json"))
     args = parser.parse_args()
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for epochs in (int(e) for e in args.local_epochs.split(",")):
-        config_file = args.workdir / f"run-e{epochs}.yaml"
-        config_file.write_text(yaml.safe_dump(run_config(args, args.workdir / "cache", epochs)))
+        configs = {}
+        for variant, examples in (("full", None), ("subsample", args.fisher_max_examples)):
+            if variant == "full" or examples:
+                configs[variant] = args.workdir / f"run-e{epochs}-{variant}.yaml"
+                configs[variant].write_text(yaml.safe_dump(run_config(args, args.workdir / "cache", epochs, examples)))
         # Build the data and the pretrained model once, outside every timed run.
-        federate(config_file, args.workdir / f"warmup-{time.time_ns()}", "fedavg", 1, 1)
+        federate(configs["full"], args.workdir / f"warmup-{time.time_ns()}", "fedavg", 1, 1)
+        runs = [("fedavg", "full"), ("fedfish", "full")] + [("fedfish", "subsample")] * ("subsample" in configs)
         by = {}
-        for aggregator, processes in (("fedavg", 1), ("fedfish", 1), ("fedavg", 2), ("fedfish", 2)):
-            out = args.workdir / f"{aggregator}-p{processes}-e{epochs}-{time.time_ns()}"
-            result = federate(config_file, out, aggregator, processes, threads=1)
-            steady = result["round_seconds"][1:] or result["round_seconds"]
-            per_round = median(steady)
-            by[aggregator, processes] = {
-                "aggregator": aggregator, "processes": processes, "rounds": args.rounds,
-                "clients_per_round": args.clients, "local_epochs": epochs, "s_per_round": per_round,
-                "clients_per_s": args.clients / per_round, "run_wall_s": result["wall_s"],
-                "round_seconds": result["round_seconds"]}
         for processes in (1, 2):
-            by["fedfish", processes]["fedfish_over_fedavg"] = (
-                by["fedfish", processes]["s_per_round"] / by["fedavg", processes]["s_per_round"])
+            for aggregator, variant in runs:
+                out = args.workdir / f"{aggregator}-{variant}-p{processes}-e{epochs}-{time.time_ns()}"
+                result = federate(configs[variant], out, aggregator, processes, threads=1)
+                steady = result["round_seconds"][1:] or result["round_seconds"]
+                per_round = median(steady)
+                by[aggregator, variant, processes] = {
+                    "aggregator": aggregator, "fisher_examples": "all" if variant == "full" or aggregator == "fedavg"
+                    else args.fisher_max_examples, "processes": processes, "rounds": args.rounds,
+                    "clients_per_round": args.clients, "local_epochs": epochs, "s_per_round": per_round,
+                    "clients_per_s": args.clients / per_round, "run_wall_s": result["wall_s"],
+                    "round_seconds": result["round_seconds"]}
+            for aggregator, variant in runs[1:]:
+                by[aggregator, variant, processes]["fedfish_over_fedavg"] = (
+                    by[aggregator, variant, processes]["s_per_round"] / by["fedavg", "full", processes]["s_per_round"])
         rows += by.values()
-    print_table(rows, ["local_epochs", "aggregator", "processes", "clients_per_round", "s_per_round", "clients_per_s",
-                       "fedfish_over_fedavg", "run_wall_s"])
+    print_table(rows, ["local_epochs", "aggregator", "fisher_examples", "processes", "clients_per_round", "s_per_round",
+                       "clients_per_s", "fedfish_over_fedavg", "run_wall_s"])
     write_json(args.json, {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
 
 

@@ -81,6 +81,32 @@ def test_one_fedfish_round_equals_fishmerge_merge_of_the_clients(tmp_path, cache
         torch.testing.assert_close(merged[name], value, rtol=1e-4, atol=1e-6)
 
 
+def test_fisher_max_examples_estimates_at_theta_i_on_a_seeded_subsample(tmp_path, cache_dir):
+    from conftest import tiny_llama
+
+    from fishmerge.federated.strategy import client_update, fisher_examples
+    from fishmerge.fisher.accumulate import accumulate_fisher
+    from fishmerge.textdata import batches
+
+    model = tiny_llama(vocab_size=30, seed=0)
+    params = dict(model.named_parameters())
+    global_state = {name: p.detach().clone() for name, p in params.items()}
+    g = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(1, 30, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (10,), generator=g)]
+    config = _config(tmp_path, cache_dir, fisher={"max_examples": 4, "batch_size": 3})
+    result = client_update(model, params, global_state, sequences, config, client_id="c", seed=7, pad_id=0)
+    chosen = fisher_examples(sequences, 4, seed=7)
+    assert len(chosen) == 4 and all(s in sequences for s in chosen)
+    assert result.n_examples == 10  # the aggregation weight n_i still counts every example
+    # The oracle: the Fisher of the client's trained model θ_i on exactly those four examples.
+    expected = accumulate_fisher(model, params, batches(chosen, 3, 0), progress=False).mean()
+    for name, value in expected.items():
+        torch.testing.assert_close(result.fisher[name], value)
+    everything = accumulate_fisher(model, params, batches(sequences, 3, 0), progress=False).mean()
+    assert not torch.allclose(result.fisher["model.embed_tokens.weight"], everything["model.embed_tokens.weight"])
+    assert fisher_examples(sequences, None, seed=7) == sequences
+
+
 def test_a_failing_client_is_skipped_and_the_round_goes_on(tmp_path, cache_dir, monkeypatch):
     real = driver_module.client_update
     victims = []

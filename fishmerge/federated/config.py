@@ -86,6 +86,9 @@ class FisherSpec(StrictModel):
     estimator: Literal["empirical", "sampled", "batch"] = "empirical"
     damping: float = Field(1e-6, gt=0, description="δ > 0: coordinates no client informs get the FedAvg update")
     batch_size: int = Field(32, ge=1)
+    max_examples: int | None = Field(
+        None, ge=1, description="estimate each client's Fisher on a seeded subsample of at most this many of its "
+        "examples (default: all of them); the aggregation weight n_i still counts them all")
 
 
 class ServerSpec(StrictModel):
