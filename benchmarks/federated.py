@@ -4,10 +4,10 @@ Every run is `fishmerge federate` on the same config (the embedded synthetic use
 cached first so no run pays for building them), with personalization off. A round's time is the `seconds` field
 of its metrics line: client training, the Fisher (FedFish), aggregation, the Client-Server Barrier pass and the
 held-out evaluation (every round here); checkpointing is outside it. The first round of each run is dropped
-(warm-up), the rest give a median.
+(warm-up); the rest of every repeat give a median.
 
     python benchmarks/federated.py --workdir /tmp/fmfed --rounds 6 --clients 8 --examples 64 --local-epochs 1,2,8 \
-        --fisher-max-examples 16
+        --fisher-max-examples 16 --repeats 2
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=32, help="examples per client")
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, taking turns")
     parser.add_argument("--fisher-max-examples", type=int, default=None,
                         help="also time FedFish with fisher.max_examples set to this (a subsample per client)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/federated.json"))
@@ -80,17 +81,23 @@ def main() -> None:
         runs = [("fedavg", "full"), ("fedfish", "full")] + [("fedfish", "subsample")] * ("subsample" in configs)
         by = {}
         for processes in (1, 2):
+            # Repeats take turns (A B C A B C ...), so a burst of other work on the machine slows every variant.
+            steady: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+            walls: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+            for _ in range(args.repeats):
+                for aggregator, variant in runs:
+                    out = args.workdir / f"{aggregator}-{variant}-p{processes}-e{epochs}-{time.time_ns()}"
+                    result = federate(configs[variant], out, aggregator, processes, threads=1)
+                    steady[aggregator, variant] += result["round_seconds"][1:] or result["round_seconds"]
+                    walls[aggregator, variant].append(result["wall_s"])
             for aggregator, variant in runs:
-                out = args.workdir / f"{aggregator}-{variant}-p{processes}-e{epochs}-{time.time_ns()}"
-                result = federate(configs[variant], out, aggregator, processes, threads=1)
-                steady = result["round_seconds"][1:] or result["round_seconds"]
-                per_round = median(steady)
+                per_round = median(steady[aggregator, variant])
                 by[aggregator, variant, processes] = {
                     "aggregator": aggregator, "fisher_examples": "all" if variant == "full" or aggregator == "fedavg"
                     else args.fisher_max_examples, "processes": processes, "rounds": args.rounds,
-                    "clients_per_round": args.clients, "local_epochs": epochs, "s_per_round": per_round,
-                    "clients_per_s": args.clients / per_round, "run_wall_s": result["wall_s"],
-                    "round_seconds": result["round_seconds"]}
+                    "repeats": args.repeats, "clients_per_round": args.clients, "local_epochs": epochs,
+                    "s_per_round": per_round, "clients_per_s": args.clients / per_round,
+                    "run_wall_s": median(walls[aggregator, variant]), "round_seconds": steady[aggregator, variant]}
             for aggregator, variant in runs[1:]:
                 by[aggregator, variant, processes]["fedfish_over_fedavg"] = (
                     by[aggregator, variant, processes]["s_per_round"] / by["fedavg", "full", processes]["s_per_round"])

