@@ -54,6 +54,6 @@ echo "estimation benchmark: $((SECONDS - start)) s"
 start=$SECONDS
 workdir="${WORKDIR:-${TMPDIR:-/tmp}/fishmerge-bench}"
 "$python" "$here/merge_io.py" --workdir "$workdir" --sizes "$merge_size" --repeats "$repeats" \
-  --mergekit "${MERGEKIT:-none}" --json "$out/merge_io.json" --clean
+  --cache "${CACHE:-warm}" --mergekit "${MERGEKIT:-none}" --json "$out/merge_io.json" --clean
 echo "merge benchmark: $((SECONDS - start)) s"
 echo "results in $out"

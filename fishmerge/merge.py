@@ -3,8 +3,9 @@
 Planning reads only headers and metadata, and performs every check that can fail before any output exists.
 Execution streams: for each tensor name it reads that tensor (in blocks of rows) from every input and every
 Fisher, merges it with the method's kernel, and writes it into shards planned up front, inside a temporary
-folder that is renamed into place only when complete. Memory therefore holds one block per input, whatever
-the size of the model or the number of inputs.
+folder that is renamed into place only when complete. A reader thread reads the next block while the current
+one is merged, into buffers reused from block to block, so memory holds two blocks per input, whatever the size
+of the model.
 """
 
 from __future__ import annotations
@@ -219,6 +220,22 @@ def execute_merge(plan: MergePlan, out: Path, *, overwrite: bool = False, block_
     max_shard = parse_size(plan.recipe.max_shard_size)
     if plan.kind == "adapter":
         max_shard = max(max_shard, sum(s.nbytes for s in specs))  # PEFT loads adapters from one file only
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as side:
+        # The card depends on the plan only. Rendering it imports huggingface_hub (~0.3 s), which overlaps with
+        # the merge on a side thread: the merge loop spends its time in torch and pread, outside the GIL.
+        card = side.submit(_render_card, plan, repo_id)
+        writer = ShardedWriter(tmp, stem, specs, max_shard_bytes=max_shard, metadata=metadata)
+        _stream(plan, writer, block_bytes)
+        writer.close()
+        copy_aux_files(plan.base, tmp)
+        card.result().save(tmp / "README.md")
+    logger.info("merged %d %s into %s", len(plan.checkpoints), "adapters" if plan.kind == "adapter" else "models", out)
+    return out
+
+
+def _stream(plan: MergePlan, writer: ShardedWriter, block_bytes: int) -> None:
+    """Merge and write every tensor, block by block. A reader thread reads (and checks) block k + 1 while block k
+    is merged, and the OS is asked to start reading block k + PREFETCH from disk."""
     jobs = [(task, rows) for task in plan.tasks
             for rows in row_blocks(plan.checkpoints[0].store.info(task.name), block_bytes)]
     # One workspace per read-ahead slot (filled by the reader thread) and one for the arithmetic.
@@ -230,24 +247,15 @@ def execute_merge(plan: MergePlan, out: Path, *, overwrite: bool = False, block_
             _prefetch(plan, *jobs[k + PREFETCH])
         return _read_block(plan, *jobs[k], buffers[slot])
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as side:
-        # The card depends on the plan only. Rendering it imports huggingface_hub (~0.3 s), which overlaps with
-        # the merge on a side thread: the merge loop spends its time in torch and pread, outside the GIL.
-        card = side.submit(_render_card, plan, repo_id)
-        writer = ShardedWriter(tmp, stem, specs, max_shard_bytes=max_shard, metadata=metadata)
-        with tqdm(total=sum(s.nbytes for s in specs), desc="merging", unit="B", unit_scale=True, leave=False) as bar:
-            for k, block in read_ahead(range(len(jobs)), read, READ_AHEAD):
-                task, rows = jobs[k]
-                merged = _merge_block(plan, task, block, workspace)
-                if merged.dtype != task.dtype:
-                    merged = workspace.tensor("output", merged.shape, task.dtype).copy_(merged)
-                writer.write(task.name, merged)
-                bar.update(merged.nbytes)
-        writer.close()
-        copy_aux_files(plan.base, tmp)
-        card.result().save(tmp / "README.md")
-    logger.info("merged %d %s into %s", len(plan.checkpoints), "adapters" if plan.kind == "adapter" else "models", out)
-    return out
+    with tqdm(total=sum(t.dtype.itemsize * math.prod(t.shape) for t in plan.tasks), desc="merging", unit="B",
+              unit_scale=True, leave=False) as bar:
+        for k, block in read_ahead(range(len(jobs)), read, READ_AHEAD):
+            task, rows = jobs[k]
+            merged = _merge_block(plan, task, block, workspace)
+            if merged.dtype != task.dtype:
+                merged = workspace.tensor("output", merged.shape, task.dtype).copy_(merged)
+            writer.write(task.name, merged)
+            bar.update(merged.nbytes)
 
 
 @dataclass

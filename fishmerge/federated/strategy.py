@@ -1,8 +1,8 @@
 """One FedFish / FedAvg round as small hooks: client update, aggregation sums, server step (SPEC §3).
 
 Client i trains from θ_t to θ_i, estimates its Fisher F_i at θ_i on its own data, and contributes
-a_i = n_i (F_i + δ) ⊙ Δ_i and b_i = n_i (F_i + δ), added up by :func:`fishmerge.kernels.add_fisher_terms` — the kernel of
-`fishmerge merge`. FedAvg is the same with F_i ≡ 0 and δ = 1. The server divides the sums
+a_i = n_i (F_i + δ) ⊙ Δ_i and b_i = n_i (F_i + δ), added up by :func:`fishmerge.kernels.add_fisher_terms`, which
+is :func:`fishmerge.kernels.fisher_sums` — the kernel of `fishmerge merge` — for one client. FedAvg is the same with F_i ≡ 0 and δ = 1. The server divides the sums
 (:func:`fishmerge.kernels.divide_sums`) and applies a server optimizer to the pseudo-gradient −Δ (FedOpt,
 Reddi et al. 2021, "Adaptive Federated Optimization"). Nothing here knows about processes: the driver reduces
 the sums.
