@@ -472,7 +472,8 @@ class _Use:
 
     def square_sums(self, locals_: Sequence[str], lo: int, hi: int) -> dict[str, Tensor]:
         """Σ over examples lo..hi of the squared per-example gradients, fp32."""
-        return {local: grad.square().sum(0) for local, grad in self.grads(locals_, lo, hi).items()}
+        # grads() returns fresh tensors, so they are squared in place: no second (examples, *shape) buffer.
+        return {local: grad.square_().sum(0) for local, grad in self.grads(locals_, lo, hi).items()}
 
     def grads(self, locals_: Sequence[str], lo: int, hi: int) -> dict[str, Tensor]:
         """Dense per-example gradients of examples lo..hi, fp32, shaped (hi-lo, *param.shape)."""
