@@ -37,9 +37,10 @@ def fisher_sums(
 ) -> tuple[Tensor, Tensor]:
     """The two sums of the formula, ``Σ_i λ_i (F_i + δ) ⊙ θ_i`` and ``Σ_i λ_i (F_i + δ)``, in fp32.
 
-    Each sum over inputs is one matrix-vector product with λ, which reads every input once, and δ enters as
-    ``δ Σ_i λ_i θ_i`` and ``δ Σ_i λ_i``: the same value as adding δ to every Fisher, without a pass that does
-    it. The inputs go through in chunks of :data:`CHUNK` columns, so that the temporaries stay in cache.
+    Each sum over inputs is a matrix-vector product with λ, which reads every input once, and δ enters as
+    ``δ Σ_i λ_i θ_i`` and ``δ Σ_i λ_i`` (folded into those products by ``addmv``): the same value as adding δ
+    to every Fisher, without a pass that does it. The inputs go through in chunks of :data:`CHUNK` columns, so
+    that the temporaries stay in cache.
 
     Args:
         values: θ_i (or clients' updates Δ_i): a sequence of same-shaped tensors of any float dtype, or one
@@ -68,19 +69,19 @@ def fisher_sums(
         _weighted_sum(theta_rows, lam, numerator, workspace)
         return numerator.mul_(damping).view(shape), lam.new_tensor(total)
     denominator = workspace.tensor("denominator", (columns,), device=device)
-    linear = workspace.tensor("linear", (columns,), device=device)
+    mass = lam.new_tensor(total)
+    width = (len(theta_rows), min(CHUNK, columns))
+    theta_buf, fisher_buf, products_buf = (workspace.tensor(key, width, device=device)
+                                           for key in ("theta", "fisher", "products"))
     for lo in range(0, columns, CHUNK):
         hi = min(columns, lo + CHUNK)
-        theta = _fp32(theta_rows[:, lo:hi], workspace, "theta")
-        fisher = _fp32(fisher_rows[:, lo:hi], workspace, "fisher")
-        products = torch.mul(theta, fisher, out=workspace.tensor("products", theta.shape, device=device))
+        theta = _fp32_chunk(theta_rows, lo, hi, theta_buf)
+        fisher = _fp32_chunk(fisher_rows, lo, hi, fisher_buf)
+        products = torch.mul(theta, fisher, out=products_buf[:, : hi - lo])
         torch.mv(products.T, lam, out=numerator[lo:hi])
-        torch.mv(fisher.T, lam, out=denominator[lo:hi])
         if damping > 0:
-            torch.mv(theta.T, lam, out=linear[lo:hi])
-    if damping > 0:
-        numerator.add_(linear, alpha=damping)
-        denominator.add_(total)
+            numerator[lo:hi].addmv_(theta.T, lam, alpha=damping)
+        torch.addmv(mass, fisher.T, lam, out=denominator[lo:hi])
     return numerator.view(shape), denominator.view(shape)
 
 
@@ -175,15 +176,18 @@ def _as_rows(tensors: Tensor | Sequence[Tensor], workspace: Workspace, key: str)
     return rows
 
 
-def _fp32(block: Tensor, workspace: Workspace, key: str) -> Tensor:
-    return block if block.dtype == torch.float32 else workspace.tensor(key, block.shape, device=block.device).copy_(block)
+def _fp32_chunk(rows: Tensor, lo: int, hi: int, buffer: Tensor) -> Tensor:
+    # Columns lo..hi of every row in fp32: a view when they are fp32 already, else converted into `buffer`.
+    chunk = rows[:, lo:hi]
+    return chunk if chunk.dtype == torch.float32 else buffer[:, : hi - lo].copy_(chunk)
 
 
 def _weighted_sum(rows: Tensor, weights: Tensor, out: Tensor, workspace: Workspace) -> Tensor:
     # Σ_i w_i rows[i] into `out`, chunk by chunk: one matrix-vector product reads every row once.
+    buffer = workspace.tensor("theta", (len(rows), min(CHUNK, rows.shape[1])), device=rows.device)
     for lo in range(0, rows.shape[1], CHUNK):
         hi = min(rows.shape[1], lo + CHUNK)
-        torch.mv(_fp32(rows[:, lo:hi], workspace, "theta").T, weights, out=out[lo:hi])
+        torch.mv(_fp32_chunk(rows, lo, hi, buffer).T, weights, out=out[lo:hi])
     return out
 
 
