@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled estimator's draws")
     parser.add_argument("--chunk-size", type=int, default=None,
-                        help="examples whose per-example gradients are formed at once (lower it to save memory)")
+                        help="examples whose per-example gradients are formed at once (default: as many as keep "
+                        "the largest parameter's under 1 GiB; lower it to save memory)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run custom model code from the checkpoint")
     parser.add_argument("--allow-pickle", action="store_true", help="load pickled .bin weights (trusted files only)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

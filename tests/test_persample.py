@@ -373,9 +373,32 @@ def test_chunking_changes_nothing(kind: str) -> None:
     model = MODELS[kind]()
     params = trainable(model)
     nll = causal_lm_nll(model, padded_batch([10, 3, 7, 8, 5]))
-    whole = squared_gradient_sums(model, params, nll)
-    for chunk in (1, 2):
+    whole = squared_gradient_sums(model, params, nll, chunk_size=5)
+    for chunk in (1, 2, None):
         assert_sums_close(squared_gradient_sums(model, params, nll, chunk_size=chunk), whole, rtol=1e-6)
+
+
+def test_default_chunks_bound_the_memory_of_the_largest_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fishmerge.fisher import persample
+
+    model = MODELS["llama_tied"]()
+    params = trainable(model)
+    largest = max(p.numel() for p in params.values())
+    monkeypatch.setattr(persample, "AUTO_CHUNK_BYTES", 2 * 4 * largest)  # room for two examples at a time
+    seen: list[list[tuple[int, int]]] = []
+    original = persample._Engine._chunks
+
+    def recording(self):
+        pieces = list(original(self))
+        seen.append(pieces)
+        return iter(pieces)
+
+    monkeypatch.setattr(persample._Engine, "_chunks", recording)
+    nll = causal_lm_nll(model, padded_batch([10, 3, 7, 8, 5]))
+    auto = squared_gradient_sums(model, params, nll)
+    assert seen and all(hi - lo <= 2 for pieces in seen for lo, hi in pieces)
+    assert any(len(pieces) == 3 for pieces in seen)  # 5 examples in chunks of 2, 2 and 1
+    assert_sums_close(auto, squared_gradient_sums(model, params, nll, chunk_size=5), rtol=1e-6)
 
 
 @pytest.mark.parametrize("per_example", [True, False])

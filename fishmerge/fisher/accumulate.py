@@ -67,7 +67,8 @@ def accumulate_fisher(
         batches: dicts with ``input_ids``, ``attention_mask`` and ``labels`` (-100 where not a target).
         estimator: ``empirical``, ``sampled`` or ``batch`` (SPEC §1).
         seed: seeds the draws of the ``sampled`` estimator.
-        chunk_size: examples whose per-example weight gradients are formed at once (memory bound).
+        chunk_size: examples whose per-example weight gradients are formed at once (None: as many as keep the
+            largest parameter's under 1 GiB).
         progress: show a progress bar.
         total: number of batches, for the progress bar.
 

@@ -81,7 +81,7 @@ def squared_gradient_sums(
         per_example: ``True``: Σ_k g_k ⊙ g_k. ``False``: the ``batch`` estimator's raw sum (Σ_k g_k)², one ordinary
             backward; it is biased for the Fisher (the cross terms g_j ⊙ g_k do not vanish) and the caller scales it.
         chunk_size: At most this many examples have their per-example weight gradients materialised at once
-            (``None``: the whole batch).
+            (``None``: as many as keep the largest parameter's under 1 GiB of fp32, :data:`AUTO_CHUNK_BYTES`).
 
     Returns:
         fp32 tensors shaped like the parameters, keyed like ``params``.
@@ -591,10 +591,20 @@ class _GenericUse(_Use):
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Without an explicit chunk size, a chunk holds at most this many bytes of per-example gradients of the largest
+# parameter: whole batches for small models, a few examples at a time for a 1B model's 32000 x 2048 LM head.
+AUTO_CHUNK_BYTES = 1 << 30
+
+
+def _auto_chunk_size(slots: Sequence[nn.Parameter]) -> int:
+    largest = max((p.numel() for p in slots), default=1)
+    return max(1, AUTO_CHUNK_BYTES // (4 * max(largest, 1)))
+
+
 class _Engine:
     def __init__(self, slots: Sequence[nn.Parameter], chunk_size: int | None) -> None:
         self.slots = slots
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size or _auto_chunk_size(slots)
         self.sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in slots]
         self.expected = [0] * len(slots)
         self.arrived: list[list[_Use]] = [[] for _ in slots]
@@ -703,9 +713,8 @@ class _Engine:
 
     def _chunks(self) -> Iterator[tuple[int, int]]:
         total = self.batch_size or 0
-        step = self.chunk_size or max(total, 1)
-        for lo in range(0, total, step):
-            yield lo, min(lo + step, total)
+        for lo in range(0, total, self.chunk_size):
+            yield lo, min(lo + self.chunk_size, total)
 
     def _finalize(self, ready: Sequence[int]) -> None:
         self.enabled = False  # the generic rule re-enters module forwards
