@@ -7,7 +7,6 @@ import torch
 from transformers import AutoTokenizer
 
 from fishmerge.data.tokenizer import (
-    word_sequences,
     BOS_TOKEN,
     EOS_TOKEN,
     OOV_TOKEN,
@@ -15,6 +14,7 @@ from fishmerge.data.tokenizer import (
     build_word_level_tokenizer,
     encode_sentence,
     encode_sentences,
+    word_sequences,
 )
 from fishmerge.errors import DataError
 
