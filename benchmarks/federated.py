@@ -78,7 +78,9 @@ def main() -> None:
                 configs[variant].write_text(yaml.safe_dump(run_config(args, args.workdir / "cache", epochs, examples)))
         # Build the data and the pretrained model once, outside every timed run.
         federate(configs["full"], args.workdir / f"warmup-{time.time_ns()}", "fedavg", 1, 1)
-        runs = [("fedavg", "full"), ("fedfish", "full")] + [("fedfish", "subsample")] * ("subsample" in configs)
+        runs = [("fedavg", "full"), ("fedfish", "full")]
+        if "subsample" in configs:
+            runs.append(("fedfish", "subsample"))
         by = {}
         for processes in (1, 2):
             # Repeats take turns (A B C A B C ...), so a burst of other work on the machine slows every variant.

@@ -66,8 +66,7 @@ def fisher_sums(
     total = damping * float(sum(weights))
     numerator = workspace.tensor("numerator", (columns,), device=device)
     if fisher_rows is None:
-        _weighted_sum(theta_rows, lam, numerator, workspace)
-        return numerator.mul_(damping).view(shape), lam.new_tensor(total)
+        return _weighted_sum(theta_rows, lam * damping, numerator, workspace).view(shape), lam.new_tensor(total)
     denominator = workspace.tensor("denominator", (columns,), device=device)
     mass = lam.new_tensor(total)
     width = (len(theta_rows), min(CHUNK, columns))
